@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs everything it needs into ./.venv (CPU torch),
+# then fails when
+#   - a notebook is not clean (nbdev-clean would change it) or holds widget state / bulky outputs,
+#   - the package is out of sync with the notebooks (nbdev-export would change unifuse/),
+#   - a notebook fails (nbdev-test: cells flagged `slow` or `cuda` are skipped),
+#   - a test in tests/ fails (pytest; its summary line is the last line printed).
+# Environment: PYTHON (interpreter for the venv, default python3), UNIFUSE_SKIP_INSTALL=1 (reuse .venv as is).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$SECONDS
+step() { printf '\n== %s (%ds)\n' "$1" "$((SECONDS - t0))" >&2; }
+
+step "install"
+if [ "${UNIFUSE_SKIP_INSTALL:-0}" != 1 ]; then
+  [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  # CPU torch first, so that no dependency pulls a multi-GB CUDA build: 2.13.0 lies on this machine's
+  # disk; elsewhere pip takes it from PyTorch's CPU index.
+  if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/pip install -q torch==2.13.0 \
+      || .venv/bin/pip install -q "torch>=2.11,<2.15" --index-url https://download.pytorch.org/whl/cpu
+  fi
+  .venv/bin/pip install -q -e ".[dev]"
+  # Debian's Chromium for the browser test of the JupyterLab widgets (no browser download)
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    elif command -v sudo >/dev/null 2>&1; then sudo -n apt-get install -y -qq chromium >/dev/null || true
+    fi
+  fi
+fi
+V=.venv/bin
+export MPLBACKEND=Agg PYTHONDONTWRITEBYTECODE=1
+
+snapshot() { find "$@" -type f \( -name '*.ipynb' -o -name '*.py' \) ! -path '*/.ipynb_checkpoints/*' -print0 \
+               | sort -z | xargs -0 sha1sum; }
+
+step "notebooks clean (nbdev-clean changes nothing)"
+before=$(snapshot nbs); $V/nbdev-clean >/dev/null; after=$(snapshot nbs)
+if [ "$before" != "$after" ]; then
+  echo "FAIL: nbdev-clean changed these notebooks; run .venv/bin/nbdev-clean and commit them:" >&2
+  diff <(echo "$before") <(echo "$after") | grep '^>' | awk '{print "  " $3}' >&2; exit 1
+fi
+$V/python - <<'PY'
+import json, pathlib, sys
+bad = []
+for p in sorted(pathlib.Path("nbs").glob("*.ipynb")):
+    nb = json.loads(p.read_text())
+    if "widgets" in nb.get("metadata", {}): bad.append(f"{p}: widget state in metadata.widgets (strip it)")
+    if p.stat().st_size > 1_000_000: bad.append(f"{p}: {p.stat().st_size/1e6:.1f} MB, over 1 MB (smaller figures, fewer outputs)")
+if bad: sys.exit("FAIL: notebook hygiene\n  " + "\n  ".join(bad))
+PY
+
+step "package in sync (nbdev-export changes nothing)"
+before=$(snapshot unifuse); $V/nbdev-export; after=$(snapshot unifuse)
+if [ "$before" != "$after" ]; then
+  echo "FAIL: nbdev-export changed unifuse/ (the package was out of sync with nbs/); commit both:" >&2
+  diff <(echo "$before") <(echo "$after") | grep '^[<>]' | awk '{print "  " $3}' | sort -u >&2; exit 1
+fi
+
+step "notebooks (nbdev-test; slow and cuda cells skipped)"
+$V/nbdev-test --timing
+
+step "pytest"
+exec $V/python -m pytest -q -p no:cacheprovider tests
