@@ -33,9 +33,13 @@ class UniFuseConfig:
     expand:int=2               # Mamba inner width = expand * M
     n_classes:int=3            # Ñ: degradation classes (4 adds the "clean" class)
     prompt_len:int=8           # L: length of each prompt in the prompt set P
+    dapl_hidden:int=64         # width of DAPL's state read-out, classifier and prompt-selection MLPs
     oufr_layers:int=3          # Spatial Mamba layers in OUFR (one per injected state h_j)
+    oufr_expand:int=1          # Spatial Mamba inner width = oufr_expand * M (h_j is mapped to it)
     n_regblk:int=4             # J: RegBLKs in FA, 0…5 (Table 5)
     fa_channels:int=32         # width inside FA's RegBLKs
+    fa_heads:int=2             # attention heads of FA's windowed cross-attention (divides fa_channels)
+    fa_window:int=4            # side of FA's attention windows, in tokens of each RegBLK's grid
     ufrf_channels:tuple=(8, 16, 32)  # widths of UFR&F's U-Net levels, full resolution first
     lora_rank:int=4            # rank of each LoRA branch in ALSN
     # ablation switches (Table 4)
@@ -53,7 +57,7 @@ class UniFuseConfig:
         def need(ok, msg):
             if not ok: raise ValueError(f"UniFuseConfig: {msg}")
         for k in ("in_channels", "enc_channels", "patch", "embed_dim", "d_state", "d_conv", "expand",
-                  "prompt_len", "oufr_layers", "fa_channels", "lora_rank", "moda_negatives"):
+                  "prompt_len", "dapl_hidden", "oufr_layers", "oufr_expand", "fa_channels", "fa_heads", "fa_window", "lora_rank", "moda_negatives"):
             v = getattr(self, k)
             need(isinstance(v, int) and v > 0, f"{k} must be a positive int, got {v!r}")
         need(isinstance(self.n_classes, int) and self.n_classes >= 2, f"n_classes must be an int >= 2, got {self.n_classes!r}")

@@ -1,0 +1,115 @@
+"Tests of unifuse.fa: windowed cross-attention, RegBLK, FA, L_reg."
+import pytest
+import torch
+import torch.nn as nn
+from unifuse.config import UniFuseConfig
+from unifuse.fa import FA, RegBLK, window_cross_attention, reg_loss, max_level
+from unifuse.spatial import warp
+
+
+def _inputs(cfg, grid=(8, 8, 8), B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M = cfg.embed_dim
+    fd, fr = torch.randn(B, M, *grid, generator=g), torch.randn(B, M, *grid, generator=g)
+    prompt = torch.randn(B, cfg.n_classes, cfg.prompt_len, M, generator=g)
+    return fd, fr, prompt
+
+
+@pytest.mark.parametrize("dim,shift", [(2, 1), (3, -1), (4, 1)])
+def test_attention_measures_a_known_shift(dim, shift):
+    g = torch.Generator().manual_seed(1)
+    fr = torch.randn(1, 64, 8, 8, 8, generator=g)          # 64 random channels: distinctive tokens
+    fd = torch.roll(fr, shifts=shift, dims=dim)            # D content found `shift` voxels further along `dim`
+    _, disp = window_cross_attention(fr, fd, fd, heads=1, window=4)
+    d = disp[0, 0]                                          # (3, d, h, w)
+    # a token whose match stays inside its window sees the exact displacement
+    idx = torch.arange(8) % 4
+    ok = (idx + shift >= 0) & (idx + shift < 4)
+    sl = [slice(None)] * 3
+    sl[dim - 2] = ok
+    axis = dim - 2
+    assert torch.allclose(d[axis][tuple(sl)].median(), torch.tensor(float(shift)), atol=0.1)
+    others = [a for a in range(3) if a != axis]
+    assert d[others][(slice(None), *sl)].abs().median() < 0.1
+
+
+def test_attention_any_grid_and_mask():
+    q, k, v = torch.randn(3, 2, 12, 5, 7, 9).unbind(0)
+    out, disp = window_cross_attention(q, k, v, heads=2, window=4, shift=True)
+    assert out.shape == q.shape and disp.shape == (2, 2, 3, 5, 7, 9)
+    assert torch.isfinite(out).all() and torch.isfinite(disp).all()
+    # the expected position of a match never leaves the window (masked padding is never attended)
+    assert disp.abs().max() <= 3 + 1e-4
+
+
+@pytest.mark.parametrize("J", [0, 1, 2, 3, 4, 5])
+def test_fa_shapes_and_identity_at_start(J):
+    cfg = UniFuseConfig.tiny(n_regblk=J)
+    fa = FA(cfg)
+    fd, fr, P = _inputs(cfg, grid=(8, 6, 10))
+    flow, flow_c = fa(fd, fr, P, (32, 24, 40), return_coarse=True)
+    assert flow.shape == (2, 3, 32, 24, 40) and flow_c.shape == (2, 3, 8, 6, 10)
+    assert torch.count_nonzero(flow) == 0                      # zero-initialised head: φ = 0
+    assert len(fa.blocks) == J
+    x = torch.rand(2, 1, 32, 24, 40)
+    assert torch.allclose(warp(x, flow), x, atol=1e-5)         # zero flow warps to the identity (float rounding)
+
+
+def test_flow_upsampled_in_voxels():
+    cfg = UniFuseConfig.tiny(n_regblk=1)
+    fa = FA(cfg)
+    nn.init.zeros_(fa.head[-1].weight)
+    with torch.no_grad(): fa.head[-1].bias.copy_(torch.tensor([0.5, -1.0, 0.25]))   # constant φ at 1/Q
+    fd, fr, P = _inputs(cfg)
+    flow, flow_c = fa(fd, fr, P, (32, 32, 32), return_coarse=True)
+    q = cfg.patch
+    assert torch.allclose(flow_c.mean((0, 2, 3, 4)), torch.tensor([0.5, -1.0, 0.25]), atol=1e-6)
+    assert torch.allclose(flow.mean((0, 2, 3, 4)), q * torch.tensor([0.5, -1.0, 0.25]), atol=1e-5)
+
+
+def test_gradient_reaches_every_fa_parameter():
+    cfg = UniFuseConfig.tiny()
+    fa = FA(cfg)
+    nn.init.normal_(fa.head[-1].weight, std=0.1)                # a trained head is not zero
+    fd, fr, P = _inputs(cfg)
+    P.requires_grad_(True)
+    flow = fa(fd, fr, P, (32, 32, 32))
+    reg_loss(flow, torch.randn_like(flow)).backward()
+    for name, p in fa.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert P.grad.abs().sum() > 0                               # the prompt steers FA
+
+
+def test_prompt_changes_the_flow():
+    cfg = UniFuseConfig.tiny()
+    fa = FA(cfg)
+    nn.init.normal_(fa.head[-1].weight, std=0.1)
+    fd, fr, P = _inputs(cfg)
+    assert not torch.allclose(fa(fd, fr, P, (32,) * 3), fa(fd, fr, 2 * P + 1, (32,) * 3))
+
+
+def test_reg_loss():
+    a = torch.zeros(2, 3, 4, 5, 6)
+    b = a.clone(); b[:, 0] = 1; b[:, 1] = 2; b[:, 2] = 2         # |Δ| = 3 everywhere
+    assert float(reg_loss(a, b)) == pytest.approx(9.0)
+    assert float(reg_loss(b, b)) == 0.0
+    with pytest.raises(ValueError, match="flow_gt"):
+        reg_loss(a, b[:, :2])
+
+
+def test_bad_inputs():
+    cfg = UniFuseConfig.tiny()
+    fa = FA(cfg)
+    fd, fr, P = _inputs(cfg)
+    with pytest.raises(ValueError, match="fbar_d and fbar_r"):
+        fa(fd, fr[:, :, :4], P, (32,) * 3)
+    with pytest.raises(ValueError, match="fbar_d and fbar_r"):
+        fa(fd[:, :3], fr[:, :3], P, (32,) * 3)
+    with pytest.raises(ValueError, match="size"):
+        fa(fd, fr, P, (32, 32))
+    with pytest.raises(ValueError, match="divisible"):
+        RegBLK(10, heads=3, window=4, level=0, shift=False, guide=4)
+
+
+def test_max_level():
+    assert max_level((8, 8, 8)) == 2 and max_level((40, 40, 40)) == 4 and max_level((3, 64, 64)) == 0

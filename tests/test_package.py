@@ -1,0 +1,45 @@
+"The package as other code uses it: cheap to import, every notebook exported, entry points that resolve."
+import importlib, json, pathlib, subprocess, sys, tomllib
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NETWORK = ["unifuse.config", "unifuse.ssm", "unifuse.spatial", "unifuse.degrade", "unifuse.dapl",
+           "unifuse.oufr", "unifuse.fa", "unifuse.ufrf", "unifuse.model", "unifuse.metrics"]
+HEAVY = ["SimpleITK", "nilearn", "monai", "skimage", "torchio", "pandas", "scipy", "ipywidgets",
+         "ipyniivue", "itkwidgets", "mamba_ssm", "pytorch_msssim", "sklearn"]
+
+
+def _default_exp(nb_path):
+    for cell in json.loads(nb_path.read_text())["cells"]:
+        for line in "".join(cell["source"]).splitlines():
+            if line.strip().startswith("#| default_exp"): return line.split()[-1]
+
+
+def test_network_imports_stay_light():
+    "Importing the network side pulls in none of the heavy optional libraries (they load lazily)."
+    mods = [m for m in NETWORK if (ROOT / (m.replace(".", "/") + ".py")).exists()]
+    assert "unifuse.config" in mods
+    code = (f"import sys\nfor m in {mods!r}: __import__(m)\n"
+            f"print([h for h in {HEAVY!r} if h in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"imported at top level by {mods}: {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("nb", sorted((ROOT / "nbs").glob("[0-9]*.ipynb")), ids=lambda p: p.name)
+def test_every_notebook_exports_a_module(nb):
+    mod = _default_exp(nb)
+    assert mod, f"{nb.name} has no '#| default_exp' line"
+    assert (ROOT / "unifuse" / f"{mod}.py").exists(), f"{nb.name} exports unifuse/{mod}.py, which is missing"
+
+
+def test_console_scripts_resolve():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("scripts", {})
+    for name, target in scripts.items():
+        mod, fn = target.split(":")
+        assert callable(getattr(importlib.import_module(mod), fn)), f"{name} -> {target} is not callable"
+
+
+def test_version():
+    import unifuse
+    assert unifuse.__version__.count(".") == 2
