@@ -2,10 +2,11 @@
 """Budgets of the UniFuse network.
 
 * FLOPs of one input pair (default 256³, the paper's Q_f = 395 G) counted with
-  `torch.utils.flop_counter.FlopCounterMode` (a multiply-add is 2 FLOPs), per module. By default the
-  count runs on the meta device at full size (no memory, no time); `--flops-device cpu` counts at a small
-  size on real tensors and scales by the number of voxels (every counted operation of the network is
-  per voxel or per token, apart from the prompt MLPs, which are negligible).
+  `torch.utils.flop_counter.FlopCounterMode` (a multiply-add is 2 FLOPs), per module, on the meta device
+  (no memory, no arithmetic). By default the count runs at 128³ and is scaled ×8 by the number of voxels:
+  every counted operation is per voxel or per token apart from the prompt MLPs (negligible) and FA's
+  windows on its coarsest grids (slightly smaller at 128³); `--flops-count-size 256` counts exactly
+  (minutes, because the pure-PyTorch selective scan loops over chunks even on the meta device).
 * Parameters: total and per part (UFR&F's budget: 0.95 M).
 * CPU: forward time and peak memory at `--cpu-size` (default 128³), the time of what the counter cannot
   see (selective scans and warps, measured by wrapping them), and the profiler's top operations.
@@ -25,6 +26,8 @@ from collections import defaultdict
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+try: import unifuse                                                         # installed, or run from the repo root
+except ImportError: sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import unifuse.ssm as ssm_mod
 import unifuse.model as model_mod
 from unifuse.model import UniFuse, UniFuseConfig
@@ -36,15 +39,6 @@ def make_config(name: str, **over) -> UniFuseConfig:
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
-GROUPS = [  # (label, module-name prefixes) rows of the per-module table, in the order of the forward pass
-    ("dapl.encoder (shared, both inputs)", ["UniFuse.dapl.encoder"]),
-    ("dapl (joint conv, patches, Mamba x2, heads)", ["UniFuse.dapl"]),
-    ("oufr", ["UniFuse.oufr"]),
-    ("fa", ["UniFuse.fa"]),
-    ("ufrf", ["UniFuse.ufrf"]),
-]
-
-
 def count_flops(cfg: UniFuseConfig, size: int, device: str = "meta") -> dict:
     "FLOPs of `model._run` on one (size³) pair; per-module sums from FlopCounterMode's module tree."
     with torch.device(device):
@@ -57,16 +51,14 @@ def count_flops(cfg: UniFuseConfig, size: int, device: str = "meta") -> dict:
             model._run(ref, deg)                                            # no input checks: meta has no values
     counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
     total = fc.get_total_flops()
-    table = {}
-    dapl_all = counts.get("UniFuse.dapl", 0)
-    enc = counts.get("UniFuse.dapl.encoder", 0)
-    table["dapl.encoder"] = enc
-    table["dapl.rest"] = dapl_all - enc
-    for k in ("oufr", "fa", "ufrf"): table[k] = counts.get(f"UniFuse.{k}", 0)
-    table["other (outside the four parts)"] = total - sum(table.values())
-    detail = {k: v for k, v in counts.items() if k.count(".") in (2, 3) and v > 0.005 * total}
+    # FlopCounterMode names modules by class below the root: DAPL, DAPL.encoder, OUFR, FA, UFRF, …
+    table = {"dapl.encoder": counts.get("DAPL.encoder", 0)}
+    table["dapl (rest)"] = counts.get("DAPL", 0) - table["dapl.encoder"]
+    for k in ("oufr", "fa", "ufrf"): table[k] = counts.get(k.upper(), 0)
+    table["outside the four parts"] = total - sum(table.values())
+    detail = {k: v for k, v in counts.items() if k.count(".") in (1, 2) and v > 0.005 * total}
     by_op = defaultdict(int)
-    for v in fc.get_flop_counts().get("Global", {}).items(): by_op[str(v[0])] += v[1]
+    for op, v in fc.get_flop_counts().get("Global", {}).items(): by_op[str(op)] += v
     return dict(total=total, size=s, table=table, detail=detail, by_op=dict(by_op))
 
 
@@ -178,9 +170,10 @@ def main(argv=None):
     ap.add_argument("--n-regblk", type=int, default=None, help="override J")
     ap.add_argument("--alsn", choices=["lora", "none", "experts"], default=None, help="override the ALSN switch")
     ap.add_argument("--flops-size", type=int, default=256, help="side of the cubic pair whose FLOPs are counted")
-    ap.add_argument("--flops-device", choices=["meta", "cpu"], default="meta",
-                    help="meta: count at full size on the meta device; cpu: count at --flops-count-size and scale")
-    ap.add_argument("--flops-count-size", type=int, default=64, help="size actually counted with --flops-device cpu")
+    ap.add_argument("--flops-count-size", type=int, default=128,
+                    help="size actually counted; the count is scaled by voxels to --flops-size (equal sizes: exact; "
+                         "256 takes minutes: the pure-PyTorch scan loops over chunks even on the meta device)")
+    ap.add_argument("--flops-device", choices=["meta", "cpu"], default="meta", help="where the counting runs")
     ap.add_argument("--cpu-size", type=int, default=128, help="side of the CPU forward timing (0: skip)")
     ap.add_argument("--cpu-reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -199,12 +192,10 @@ def main(argv=None):
     print(f"  UFR&F {res['params']['ufrf'] / 1e6:.3f} M (budget 0.95 M; paper 0.948 M)")
 
     t0 = time.perf_counter()
-    if args.flops_device == "meta":
-        fl = count_flops(cfg, args.flops_size, "meta"); scale = 1.0
-        how = f"FlopCounterMode on the meta device at {fl['size']}³"
-    else:
-        fl = count_flops(cfg, args.flops_count_size, "cpu"); scale = (args.flops_size / fl["size"]) ** 3
-        how = f"FlopCounterMode on CPU at {fl['size']}³, scaled ×{scale:g} by voxel count to {args.flops_size}³"
+    fl = count_flops(cfg, min(args.flops_count_size, args.flops_size), args.flops_device)
+    scale = (args.flops_size / fl["size"]) ** 3
+    how = f"FlopCounterMode on the {args.flops_device} device at {fl['size']}³"
+    if scale != 1: how += f", scaled ×{scale:g} by voxel count to {args.flops_size}³"
     G = lambda x: round(x * scale / 1e9, 2)
     print(f"\nFLOPs of one {args.flops_size}³ pair ({how}; multiply-add = 2): {G(fl['total'])} G (paper: 395 G)")
     for k, v in fl["table"].items(): print(f"  {k:34s} {G(v):9.2f} G")

@@ -377,3 +377,14 @@ def test_load_pair_refuses_disjoint_pair(tmp_path):
     a = D.save_nifti(tmp_path / "t1.nii.gz", v, np.eye(4)); b = D.save_nifti(tmp_path / "t2.nii.gz", v, far)
     with pytest.raises(ValueError, match="overlap") as e: D.load_pair(a, b, "mri")
     assert "t2.nii.gz" in str(e.value)
+
+
+def test_builtin_device_argument_and_blur():
+    a = D.builtin_pair("mri", seed=1, size=16)
+    b = D.builtin_pair("mri", seed=1, size=16, device="cpu")
+    assert torch.equal(a["ref"], b["ref"]) and torch.equal(a["labels"], b["labels"])
+    x = torch.zeros(1, 9, 9, 9); x[0, 4, 4, 4] = 1
+    y = D.gaussian_blur(x, 1.0)
+    assert y.shape == x.shape and abs(float(y.sum()) - 1) < 1e-5 and float(y.max()) < 0.1
+    assert torch.allclose(y[0], y[0].permute(1, 2, 0), atol=1e-6)        # isotropic
+    assert torch.equal(D.gaussian_blur(x, 0.1), x)                        # below 0.3 voxel: untouched

@@ -7,14 +7,14 @@ Docs: https://unifuse.github.io/unifuse/ssm.html.md"""
 # %% auto #0
 __all__ = ['BACKENDS', 'selective_scan_ref', 'selective_scan', 'MambaBlock']
 
-# %% ../nbs/05_ssm.ipynb #1a610c6d
+# %% ../nbs/05_ssm.ipynb #42541b36
 import math, os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-# %% ../nbs/05_ssm.ipynb #016d293f
+# %% ../nbs/05_ssm.ipynb #da643f49
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     "Plain sequential recurrence, one step at a time: the reference every other path is checked against."
@@ -42,31 +42,34 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     y = y.to(dtype_in)
     return (y, h) if return_last_state else y
 
-# %% ../nbs/05_ssm.ipynb #89d8b431
-def _linear_scan(a, x, reverse=False):
-    "Inclusive scan along dim -2 of x_t <- a_t x_{t-1} + x_t (x_t <- a_t x_{t+1} + x_t if `reverse`); `a`, `x` are clobbered."
-    T, s = x.shape[-2], 1
-    xb, ab = torch.empty_like(x), torch.empty_like(a)                # double buffers
-    while s < T:
-        last = 2 * s >= T
-        if not reverse:
-            xb[..., :s, :] = x[..., :s, :]
-            torch.addcmul(x[..., s:, :], a[..., s:, :], x[..., :-s, :], out=xb[..., s:, :])
-            if not last:
-                ab[..., :s, :] = a[..., :s, :]
-                torch.mul(a[..., s:, :], a[..., :-s, :], out=ab[..., s:, :])
-        else:
-            xb[..., T - s:, :] = x[..., T - s:, :]
-            torch.addcmul(x[..., :-s, :], a[..., :-s, :], x[..., s:, :], out=xb[..., :-s, :])
-            if not last:
-                ab[..., T - s:, :] = a[..., T - s:, :]
-                torch.mul(a[..., :-s, :], a[..., s:, :], out=ab[..., :-s, :])
-        x, xb = xb, x
-        if not last: a, ab = ab, a
-        s *= 2
-    return x
+# %% ../nbs/05_ssm.ipynb #3ace84b4
+_LOG_TINY = -87.0  # exp(-87) ≈ 1.6e-38, the smallest normal float32: decays below it are taken as it (see below)
 
-# %% ../nbs/05_ssm.ipynb #72b318bd
+def _scan_fwd(a, x):
+    "h_t = a_t h_{t-1} + x_t along dim -2, h_{-1} = 0, for a power-of-two length: log2(T) halvings, O(T) work."
+    T = x.shape[-2]
+    if T == 1: return x.clone()
+    a0, a1, x0, x1 = a[..., 0::2, :], a[..., 1::2, :], x[..., 0::2, :], x[..., 1::2, :]
+    hp = _scan_fwd(a1 * a0, torch.addcmul(x1, a1, x0))                      # states at steps 1, 3, 5, …
+    h = torch.empty_like(x)
+    h[..., 1::2, :] = hp
+    h[..., 0, :] = x[..., 0, :]
+    torch.addcmul(x0[..., 1:, :], a0[..., 1:, :], hp[..., :-1, :], out=h[..., 2::2, :])  # steps 2, 4, …
+    return h
+
+def _scan_rev(a, x):
+    "h_t = a_t h_{t+1} + x_t along dim -2, h_T = 0: the same halving run backwards in time (for gradients)."
+    T = x.shape[-2]
+    if T == 1: return x.clone()
+    a0, a1, x0, x1 = a[..., 0::2, :], a[..., 1::2, :], x[..., 0::2, :], x[..., 1::2, :]
+    hp = _scan_rev(a0 * a1, torch.addcmul(x0, a0, x1))                      # states at steps 0, 2, 4, …
+    h = torch.empty_like(x)
+    h[..., 0::2, :] = hp
+    h[..., -1, :] = x[..., -1, :]
+    torch.addcmul(x1[..., :-1, :], a1[..., :-1, :], hp[..., 1:, :], out=h[..., 1:-1:2, :])  # steps 1, 3, …
+    return h
+
+# %% ../nbs/05_ssm.ipynb #5759642e
 def _block_view(M, s, e, G, H):
     "B or C as a view broadcastable to (b, G, H, T, N) for the steps s:e; `M` is (d, N) or (b, G', L, N)."
     if M.dim() == 2: return M.view(1, G, H, 1, M.shape[-1])                  # constant over b and t
@@ -92,10 +95,10 @@ class _ChunkedScan(torch.autograd.Function):
             e = min(s + chunk, L)
             starts.append(h)
             dl = dl5[..., s:e, None]                                           # Δ (b, G, H, T, 1)
-            a = torch.exp(dl * A5)                                             # Ā = exp(ΔA) (b, G, H, T, N)
+            a = torch.mul(dl, A5).clamp_(min=_LOG_TINY).exp_()                 # Ā = exp(ΔA) (b, G, H, T, N)
             x = (dl * u5[..., s:e, None]) * _block_view(B, s, e, G, H)         # B̄u = ΔBu (b, G, H, T, N)
             x[..., 0, :].addcmul_(a[..., 0, :], h)                             # carry the state in
-            x = _linear_scan(a, x)                                             # h_t (b, G, H, T, N)
+            x = _scan_fwd(a, x)                                                # h_t (b, G, H, T, N)
             y[..., s:e] = (x * _block_view(C, s, e, G, H)).sum(-1)              # y_t = C_t h_t
             h = x[..., -1, :].clone()
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(starts))
@@ -119,20 +122,19 @@ class _ChunkedScan(torch.autograd.Function):
             h0 = starts[i]
             Bv, Cv = _block_view(B, s, e, G, H), _block_view(C, s, e, G, H)
             dl, uu = dl5[..., s:e, None], u5[..., s:e, None]
-            a = torch.exp(dl * A5)                                             # (b, G, H, T, N)
+            a = torch.mul(dl, A5).clamp_(min=_LOG_TINY).exp_()                 # (b, G, H, T, N)
             x = (dl * uu) * Bv
             x[..., 0, :].addcmul_(a[..., 0, :], h0)
-            hs = _linear_scan(a.clone(), x)                                    # states h_t of the block
+            hs = _scan_fwd(a, x)                                               # states h_t of the block
             gyb = gy5[..., s:e, None]                                          # (b, G, H, T, 1)
             gC = _reduce_like(gyb * hs, Cv)
             g = gyb * Cv                                                       # ∂y_t/∂h_t (b, G, H, T, N)
             g[..., -1, :] += lam
             c = torch.zeros_like(a)
             c[..., :-1, :] = a[..., 1:, :]                                     # Ā_{t+1}
-            g = _linear_scan(c, g, reverse=True)                               # dLoss/dh_t = g_t + Ā_{t+1} dLoss/dh_{t+1}
-            hs[..., 1:, :] = hs[..., :-1, :].clone()
-            hs[..., 0, :] = h0                                                 # h_{t-1}
-            ga = g * hs * a                                                    # dLoss/d(ΔA) (b, G, H, T, N)
+            g = _scan_rev(c, g)                                                # dLoss/dh_t = g_t + Ā_{t+1} dLoss/dh_{t+1}
+            hprev = torch.cat([h0[..., None, :], hs[..., :-1, :]], -2)         # h_{t-1}
+            ga = g * hprev * a                                                 # dLoss/d(ΔA) (b, G, H, T, N)
             dA += (ga * dl).sum((0, 3), keepdim=True)
             gx = g * Bv                                                        # dLoss/d(Δu) summed over N below
             gdu = gx.sum(-1)                                                   # (b, G, H, T)
@@ -146,7 +148,7 @@ class _ChunkedScan(torch.autograd.Function):
             lam = a[..., 0, :] * g[..., 0, :]                                  # dLoss/dh_{s-1}
         return du.view(b, d, L), ddelta.view(b, d, L), dA.view(d, N), dB, dC, None, None
 
-# %% ../nbs/05_ssm.ipynb #d9131e5d
+# %% ../nbs/05_ssm.ipynb #de7bda61
 BACKENDS = ("torch", "cuda")
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
@@ -202,13 +204,22 @@ def _per_step(M):
 def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, G, chunk_size=None):
     dtype_in = u.dtype
     u, delta, A = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    chunk = chunk_size or _default_chunk(u, A.shape[1])
-    y, h = _ChunkedScan.apply(u, delta, A, _per_step(B), _per_step(C), G, int(chunk))
+    L = u.shape[-1]
+    T = 1 << (int(chunk_size or _default_chunk(u, A.shape[1])).bit_length() - 1)  # a power of two …
+    T = min(T, 1 << (L - 1).bit_length())                                   # … no longer than needed
+    pad = -L % T                                                            # Δ = 0 steps leave the state as it is
+    Bs, Cs = _per_step(B), _per_step(C)
+    if pad:
+        u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
+        if Bs.dim() == 4: Bs = F.pad(Bs, (0, 0, 0, pad))
+        if Cs.dim() == 4: Cs = F.pad(Cs, (0, 0, 0, pad))
+    y, h = _ChunkedScan.apply(u, delta, A, Bs, Cs, G, T)
+    if pad: u, y = u[..., :L], y[..., :L]
     if D is not None: y = y + u * D.float()[:, None]                         # skip connection D u_t
     if z is not None: y = y * F.silu(z.float())                              # gate
     return y.to(dtype_in), h
 
-# %% ../nbs/05_ssm.ipynb #994172f8
+# %% ../nbs/05_ssm.ipynb #75f3d1d2
 def _mamba_kernel():
     "mamba-ssm's fused CUDA selective scan, or None when it does not import (imported here, never at module level)."
     try:
@@ -224,7 +235,7 @@ def _last_state_closed_form(u, delta, A, B):
     b, d, L = u.shape
     Bt = _per_step(B)                                                       # (d, N) or (b, G', L, N)
     Bt = Bt[None, :, None, :] if Bt.dim() == 2 else Bt.repeat_interleave(d // Bt.shape[1], 1)
-    w = torch.exp(rest[..., None] * A[:, None, :])                          # (b, d, L, N)
+    w = torch.exp((rest[..., None] * A[:, None, :]).clamp(min=_LOG_TINY))   # (b, d, L, N)
     return (w * (delta * u)[..., None] * Bt).sum(-2)                        # (b, d, N)
 
 def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
@@ -285,7 +296,7 @@ def selective_scan(u:torch.Tensor,  # input sequence u (batch, dim, seqlen)
         y, h = _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, G, chunk_size)
     return (y, h) if return_last_state else y
 
-# %% ../nbs/05_ssm.ipynb #4ee9d4d9
+# %% ../nbs/05_ssm.ipynb #0f4b18e3
 class MambaBlock(nn.Module):
     "The Mamba mixer: in_proj → (x, z); causal depthwise conv1d and SiLU on x; x_proj → (Δ, B, C); selective scan; gate; out_proj."
     def __init__(self,
