@@ -86,6 +86,7 @@ def main(argv=None):
         if cuda: torch.cuda.synchronize()
     modes = ["forward"] + ([] if a.no_backward else ["forward_backward"])
     times = {m: {k: [] for k in methods} for m in modes}
+    cpu = {m: {k: [] for k in methods} for m in modes}  # process CPU time: less sensitive to other jobs on the machine
     peak, results, compile_s = {}, {}, None
     for mode in modes:
         for k, fn in methods.items():  # warm-up (and compile), keep a result for the agreement check
@@ -98,9 +99,9 @@ def main(argv=None):
                                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         for _ in range(a.repeats):  # interleaved, so that background load hits every method alike
             for k, fn in methods.items():
-                sync(); t0 = time.perf_counter()
+                sync(); t0, c0 = time.perf_counter(), time.process_time()
                 run(fn, inputs, mode == "forward_backward")
-                sync(); times[mode][k].append(time.perf_counter() - t0)
+                sync(); times[mode][k].append(time.perf_counter() - t0); cpu[mode][k].append(time.process_time() - c0)
 
     base = "kernel" if "kernel" in methods else "sequential"
     report = dict(bench="ssm", device=str(dev),
@@ -116,10 +117,13 @@ def main(argv=None):
             ts = times[mode][k]
             report[f"{mode}_ms_median/{k}"] = round(1e3 * statistics.median(ts), 3)
             report[f"{mode}_ms_min/{k}"] = round(1e3 * min(ts), 3)
+            if not cuda: report[f"{mode}_cpu_ms_median/{k}"] = round(1e3 * statistics.median(cpu[mode][k]), 3)
         if base in methods:
             for k in methods:
                 if k != base:
                     report[f"{mode}_speedup_vs_{base}/{k}"] = round(statistics.median(times[mode][base]) / statistics.median(times[mode][k]), 2)
+                    if not cuda:
+                        report[f"{mode}_cpu_time_speedup_vs_{base}/{k}"] = round(statistics.median(cpu[mode][base]) / statistics.median(cpu[mode][k]), 2)
             agree = agreement(results[(mode, "torch")], results[(mode, base)])
             report[f"{mode}_max_rel_diff_torch_vs_{base}"] = max(agree.values())
             report[f"{mode}_rel_diff_torch_vs_{base}"] = {k: float(f"{v:.2e}") for k, v in agree.items()}

@@ -1,4 +1,4 @@
-"""Mamba's selective state-space scan in pure PyTorch (parallel, chunked) or through mamba-ssm's CUDA kernel, and the `MambaBlock` that UniFuse's DAPL and OUFR stack.
+"""Mamba's selective state-space scan — a parallel, chunked pure-PyTorch path that runs on every device and mamba-ssm's CUDA kernel where it imports — and the `MambaBlock` that DAPL and OUFR stack.
 
 Docs: https://unifuse.github.io/unifuse/ssm.html.md"""
 
@@ -7,14 +7,14 @@ Docs: https://unifuse.github.io/unifuse/ssm.html.md"""
 # %% auto #0
 __all__ = ['BACKENDS', 'selective_scan_ref', 'selective_scan', 'MambaBlock']
 
-# %% ../nbs/05_ssm.ipynb #42541b36
+# %% ../nbs/05_ssm.ipynb #747f5983
 import math, os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-# %% ../nbs/05_ssm.ipynb #da643f49
+# %% ../nbs/05_ssm.ipynb #7ba4907b
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     "Plain sequential recurrence, one step at a time: the reference every other path is checked against."
@@ -33,43 +33,54 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Cx = per_channel(C).expand(b, d, L, -1)                           # (b, d, L, N)
     h = u.new_zeros(b, d, A.shape[1])                                  # (b, d, N)
     ys = []
-    for t in range(L):
-        h = dA[:, :, t] * h + dBu[:, :, t]                             # h_t = Ā_t h_{t-1} + B̄_t u_t
-        ys.append((h * Cx[:, :, t]).sum(-1))                           # y_t = C_t h_t (b, d)
+    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), Cx.unbind(2)):  # one step at a time
+        h = dA_t * h + dBu_t                                            # h_t = Ā_t h_{t-1} + B̄_t u_t
+        ys.append((h * C_t).sum(-1))                                    # y_t = C_t h_t (b, d)
     y = torch.stack(ys, dim=-1)                                         # (b, d, L)
     if D is not None: y = y + u * D.float()[:, None]
     if z is not None: y = y * F.silu(z.float())
     y = y.to(dtype_in)
     return (y, h) if return_last_state else y
 
-# %% ../nbs/05_ssm.ipynb #3ace84b4
-_LOG_TINY = -87.0  # exp(-87) ≈ 1.6e-38, the smallest normal float32: decays below it are taken as it (see below)
+# %% ../nbs/05_ssm.ipynb #93afeae5
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e): torch's exp2 is about twice as fast as exp on CPU
+_LOG2_TINY = -126.0  # 2^-126 ≈ 1.2e-38, the smallest normal float32: decays below it are taken as it (see below)
 
-def _scan_fwd(a, x):
-    "h_t = a_t h_{t-1} + x_t along dim -2, h_{-1} = 0, for a power-of-two length: log2(T) halvings, O(T) work."
+def _workspace(shape, like):
+    "Scratch buffers for the halvings of a scan along dim -2 of `shape` (a power of two): {length: (a, x)}."
+    ws, T = {}, shape[-2] // 2
+    while T >= 1:
+        ws[T] = (like.new_empty(*shape[:-2], T, shape[-1]), like.new_empty(*shape[:-2], T, shape[-1]))
+        T //= 2
+    return ws
+
+def _scan_fwd(a, x, out, ws):
+    "out_t = a_t out_{t-1} + x_t along dim -2 (out_{-1} = 0), T a power of two: log2(T) halvings, O(T) work."
     T = x.shape[-2]
-    if T == 1: return x.clone()
+    if T == 1: return out.copy_(x)
     a0, a1, x0, x1 = a[..., 0::2, :], a[..., 1::2, :], x[..., 0::2, :], x[..., 1::2, :]
-    hp = _scan_fwd(a1 * a0, torch.addcmul(x1, a1, x0))                      # states at steps 1, 3, 5, …
-    h = torch.empty_like(x)
-    h[..., 1::2, :] = hp
-    h[..., 0, :] = x[..., 0, :]
-    torch.addcmul(x0[..., 1:, :], a0[..., 1:, :], hp[..., :-1, :], out=h[..., 2::2, :])  # steps 2, 4, …
-    return h
+    ap, xp = ws[T // 2]
+    torch.mul(a1, a0, out=ap)                                                 # two steps merged into one:
+    torch.addcmul(x1, a1, x0, out=xp)                                         # (a1 a0, a1 x0 + x1)
+    _scan_fwd(ap, xp, out[..., 1::2, :], ws)                                  # states at steps 1, 3, 5, …
+    out[..., 0, :] = x[..., 0, :]
+    if T > 2: torch.addcmul(x0[..., 1:, :], a0[..., 1:, :], out[..., 1:-1:2, :], out=out[..., 2::2, :])  # 2, 4, …
+    return out
 
-def _scan_rev(a, x):
-    "h_t = a_t h_{t+1} + x_t along dim -2, h_T = 0: the same halving run backwards in time (for gradients)."
+def _scan_rev(a, x, out, ws):
+    "out_t = a_t out_{t+1} + x_t along dim -2 (out_T = 0): the same halving run backwards in time (for gradients)."
     T = x.shape[-2]
-    if T == 1: return x.clone()
+    if T == 1: return out.copy_(x)
     a0, a1, x0, x1 = a[..., 0::2, :], a[..., 1::2, :], x[..., 0::2, :], x[..., 1::2, :]
-    hp = _scan_rev(a0 * a1, torch.addcmul(x0, a0, x1))                      # states at steps 0, 2, 4, …
-    h = torch.empty_like(x)
-    h[..., 0::2, :] = hp
-    h[..., -1, :] = x[..., -1, :]
-    torch.addcmul(x1[..., :-1, :], a1[..., :-1, :], hp[..., 1:, :], out=h[..., 1:-1:2, :])  # steps 1, 3, …
-    return h
+    ap, xp = ws[T // 2]
+    torch.mul(a0, a1, out=ap)
+    torch.addcmul(x0, a0, x1, out=xp)
+    _scan_rev(ap, xp, out[..., 0::2, :], ws)                                  # states at steps 0, 2, 4, …
+    out[..., -1, :] = x[..., -1, :]
+    if T > 2: torch.addcmul(x1[..., :-1, :], a1[..., :-1, :], out[..., 2::2, :], out=out[..., 1:-1:2, :])  # 1, 3, …
+    return out
 
-# %% ../nbs/05_ssm.ipynb #5759642e
+# %% ../nbs/05_ssm.ipynb #f15e157f
 def _block_view(M, s, e, G, H):
     "B or C as a view broadcastable to (b, G, H, T, N) for the steps s:e; `M` is (d, N) or (b, G', L, N)."
     if M.dim() == 2: return M.view(1, G, H, 1, M.shape[-1])                  # constant over b and t
@@ -80,75 +91,95 @@ def _reduce_like(g, view):
     dims = [i for i in range(g.dim()) if view.shape[i] == 1 and g.shape[i] != 1]
     return g.sum(dims, keepdim=True) if dims else g
 
+def _decay(dl, A2, out, clamp):
+    "Ā = exp(ΔA) = 2^(Δ A log2 e) into `out`, clamped at the smallest normal float where needed."
+    torch.mul(dl, A2, out=out)
+    if clamp: out.clamp_(min=_LOG2_TINY)
+    return out.exp2_()
+
+def _needs_clamp(delta, A2):
+    "Could some Δ A log2(e) fall below -126? Only CPUs care (their exp2 slows down ~40x on subnormal results)."
+    if delta.is_cuda: return False
+    lo, hi = delta.aminmax()
+    return bool(min(lo * A2.min(), lo * A2.max(), hi * A2.min(), hi * A2.max()) < _LOG2_TINY)
+
 class _ChunkedScan(torch.autograd.Function):
     "h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = C_t h_t, block by block; backward recomputes each block's states."
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, G, chunk):
+    def forward(ctx, u, delta, A, B, C, G, T):
         b, d, L = u.shape
         N, H = A.shape[-1], d // G
         u5, dl5 = u.view(b, G, H, L), delta.view(b, G, H, L)                  # (b, G, H, L)
-        A5 = A.view(1, G, H, 1, N)
+        A2 = A.view(1, G, H, 1, N) * _LOG2E                                    # A log2(e)
+        clamp = _needs_clamp(delta, A2)
         y = u.new_empty(b, G, H, L)
         h = u.new_zeros(b, G, H, N)
+        shape = (b, G, H, T, N)
+        a, x, hs = u.new_empty(shape), u.new_empty(shape), u.new_empty(shape)  # reused by every block
+        ws = _workspace(shape, u)
         starts = []
-        for s in range(0, L, chunk):
-            e = min(s + chunk, L)
+        for s in range(0, L, T):
+            e = s + T
             starts.append(h)
             dl = dl5[..., s:e, None]                                           # Δ (b, G, H, T, 1)
-            a = torch.mul(dl, A5).clamp_(min=_LOG_TINY).exp_()                 # Ā = exp(ΔA) (b, G, H, T, N)
-            x = (dl * u5[..., s:e, None]) * _block_view(B, s, e, G, H)         # B̄u = ΔBu (b, G, H, T, N)
+            _decay(dl, A2, a, clamp)                                           # Ā = exp(ΔA) (b, G, H, T, N)
+            torch.mul(dl * u5[..., s:e, None], _block_view(B, s, e, G, H), out=x)  # B̄u = ΔBu (b, G, H, T, N)
             x[..., 0, :].addcmul_(a[..., 0, :], h)                             # carry the state in
-            x = _scan_fwd(a, x)                                                # h_t (b, G, H, T, N)
-            y[..., s:e] = (x * _block_view(C, s, e, G, H)).sum(-1)              # y_t = C_t h_t
-            h = x[..., -1, :].clone()
+            _scan_fwd(a, x, hs, ws)                                            # h_t (b, G, H, T, N)
+            y[..., s:e] = torch.mul(hs, _block_view(C, s, e, G, H), out=x).sum(-1)  # y_t = C_t h_t
+            h = hs[..., -1, :].clone()
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(starts))
-        ctx.G, ctx.chunk = G, chunk
+        ctx.G, ctx.T, ctx.clamp = G, T, clamp
         return y.view(b, d, L), h.view(b, d, N)
 
     @staticmethod
     def backward(ctx, gy, gh):
         u, delta, A, B, C, starts = ctx.saved_tensors
-        G, chunk = ctx.G, ctx.chunk
+        G, T, clamp = ctx.G, ctx.T, ctx.clamp
         b, d, L = u.shape
         N, H = A.shape[-1], d // G
         u5, dl5, A5 = u.view(b, G, H, L), delta.view(b, G, H, L), A.view(1, G, H, 1, N)
+        A2 = A5 * _LOG2E
         gy5 = (gy if gy is not None else u.new_zeros(b, d, L)).view(b, G, H, L)
         lam = (gh if gh is not None else u.new_zeros(b, d, N)).reshape(b, G, H, N).clone()  # dLoss/dh at the block's end
         du, ddelta = torch.empty_like(u5), torch.empty_like(dl5)
         dA = torch.zeros_like(A5)
         dB, dC = torch.zeros_like(B), torch.zeros_like(C)
-        for i, s in reversed(list(enumerate(range(0, L, chunk)))):
-            e = min(s + chunk, L)
+        shape = (b, G, H, T, N)
+        a, x, hs, g, c, tmp = [u.new_empty(shape) for _ in range(6)]          # reused by every block
+        c[..., -1, :] = 0
+        ws = _workspace(shape, u)
+        for i in reversed(range(L // T)):
+            s, e = i * T, (i + 1) * T
             h0 = starts[i]
             Bv, Cv = _block_view(B, s, e, G, H), _block_view(C, s, e, G, H)
             dl, uu = dl5[..., s:e, None], u5[..., s:e, None]
-            a = torch.mul(dl, A5).clamp_(min=_LOG_TINY).exp_()                 # (b, G, H, T, N)
-            x = (dl * uu) * Bv
+            _decay(dl, A2, a, clamp)                                           # (b, G, H, T, N)
+            torch.mul(dl * uu, Bv, out=x)
             x[..., 0, :].addcmul_(a[..., 0, :], h0)
-            hs = _scan_fwd(a, x)                                               # states h_t of the block
+            _scan_fwd(a, x, hs, ws)                                            # the block's states again
             gyb = gy5[..., s:e, None]                                          # (b, G, H, T, 1)
-            gC = _reduce_like(gyb * hs, Cv)
-            g = gyb * Cv                                                       # ∂y_t/∂h_t (b, G, H, T, N)
-            g[..., -1, :] += lam
-            c = torch.zeros_like(a)
-            c[..., :-1, :] = a[..., 1:, :]                                     # Ā_{t+1}
-            g = _scan_rev(c, g)                                                # dLoss/dh_t = g_t + Ā_{t+1} dLoss/dh_{t+1}
-            hprev = torch.cat([h0[..., None, :], hs[..., :-1, :]], -2)         # h_{t-1}
-            ga = g * hprev * a                                                 # dLoss/d(ΔA) (b, G, H, T, N)
-            dA += (ga * dl).sum((0, 3), keepdim=True)
-            gx = g * Bv                                                        # dLoss/d(Δu) summed over N below
-            gdu = gx.sum(-1)                                                   # (b, G, H, T)
-            ddelta[..., s:e] = (ga * A5).sum(-1) + gdu * uu[..., 0]
-            du[..., s:e] = gdu * dl[..., 0]
-            gB = _reduce_like(g * (dl * uu), Bv)
-            if B.dim() == 2: dB += gB.view_as(B)
-            else: dB[:, :, s:e] = gB[:, :, 0]
+            gC = _reduce_like(torch.mul(gyb, hs, out=tmp), Cv)
             if C.dim() == 2: dC += gC.view_as(C)
             else: dC[:, :, s:e] = gC[:, :, 0]
+            torch.mul(gyb, Cv, out=x)                                          # ∂y_t/∂h_t (b, G, H, T, N)
+            x[..., -1, :] += lam
+            c[..., :-1, :] = a[..., 1:, :]                                     # Ā_{t+1}
+            _scan_rev(c, x, g, ws)                                             # dLoss/dh_t = x_t + Ā_{t+1} dLoss/dh_{t+1}
+            x[..., 1:, :] = hs[..., :-1, :]
+            x[..., 0, :] = h0                                                  # h_{t-1}
+            ga = x.mul_(g).mul_(a)                                             # dLoss/d(ΔA) (b, G, H, T, N)
+            dA += torch.mul(ga, dl, out=tmp).sum((0, 3), keepdim=True)
+            gdu = torch.mul(g, Bv, out=tmp).sum(-1)                            # dLoss/d(Δu) (b, G, H, T)
+            ddelta[..., s:e] = torch.mul(ga, A5, out=tmp).sum(-1) + gdu * uu[..., 0]
+            du[..., s:e] = gdu * dl[..., 0]
+            gB = _reduce_like(torch.mul(g, dl * uu, out=tmp), Bv)
+            if B.dim() == 2: dB += gB.view_as(B)
+            else: dB[:, :, s:e] = gB[:, :, 0]
             lam = a[..., 0, :] * g[..., 0, :]                                  # dLoss/dh_{s-1}
         return du.view(b, d, L), ddelta.view(b, d, L), dA.view(d, N), dB, dC, None, None
 
-# %% ../nbs/05_ssm.ipynb #de7bda61
+# %% ../nbs/05_ssm.ipynb #763b4add
 BACKENDS = ("torch", "cuda")
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
@@ -219,7 +250,7 @@ def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, G
     if z is not None: y = y * F.silu(z.float())                              # gate
     return y.to(dtype_in), h
 
-# %% ../nbs/05_ssm.ipynb #75f3d1d2
+# %% ../nbs/05_ssm.ipynb #159fee25
 def _mamba_kernel():
     "mamba-ssm's fused CUDA selective scan, or None when it does not import (imported here, never at module level)."
     try:
@@ -235,7 +266,7 @@ def _last_state_closed_form(u, delta, A, B):
     b, d, L = u.shape
     Bt = _per_step(B)                                                       # (d, N) or (b, G', L, N)
     Bt = Bt[None, :, None, :] if Bt.dim() == 2 else Bt.repeat_interleave(d // Bt.shape[1], 1)
-    w = torch.exp((rest[..., None] * A[:, None, :]).clamp(min=_LOG_TINY))   # (b, d, L, N)
+    w = torch.exp((rest[..., None] * A[:, None, :]).clamp(min=_LOG2_TINY / _LOG2E))  # (b, d, L, N)
     return (w * (delta * u)[..., None] * Bt).sum(-2)                        # (b, d, N)
 
 def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
@@ -249,10 +280,12 @@ def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, re
     A32 = A.float()
     D32 = None if D is None else D.float()
     db32 = None if delta_bias is None else delta_bias.float()
-    delta_k = delta if delta.dtype == u.dtype else delta.to(u.dtype)       # the kernel wants u and Δ alike
+    # the kernel's dtype rules: Δ, z and time-varying B, C in u's dtype; A, D, delta_bias and constant B, C in fp32
+    like_u = lambda t: None if t is None else t.to(u.dtype)
+    Bk, Ck = [M.to(u.dtype) if M.dim() >= 3 else M.float() for M in (B, C)]
     if not return_last_state:
-        return fn(u, delta_k, A32, B, C, D32, z, db32, delta_softplus, False), None
-    y, h = fn(u, delta_k, A32, B, C, D32, z, db32, delta_softplus, True)
+        return fn(u, like_u(delta), A32, Bk, Ck, D32, like_u(z), db32, delta_softplus, False), None
+    y, h = fn(u, like_u(delta), A32, Bk, Ck, D32, like_u(z), db32, delta_softplus, True)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (u, delta, A, B, delta_bias))
     if needs_grad:  # the kernel does not backpropagate through its last state: take the value from the kernel,
@@ -296,7 +329,7 @@ def selective_scan(u:torch.Tensor,  # input sequence u (batch, dim, seqlen)
         y, h = _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, G, chunk_size)
     return (y, h) if return_last_state else y
 
-# %% ../nbs/05_ssm.ipynb #0f4b18e3
+# %% ../nbs/05_ssm.ipynb #52179f4d
 class MambaBlock(nn.Module):
     "The Mamba mixer: in_proj → (x, z); causal depthwise conv1d and SiLU on x; x_proj → (Δ, B, C); selective scan; gate; out_proj."
     def __init__(self,
