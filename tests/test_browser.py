@@ -134,6 +134,7 @@ def lab():
 def test_widgets_in_jupyterlab(lab, capsys):
     from playwright.sync_api import sync_playwright
     shots = _shots_dir()
+    (shots / "failure.png").unlink(missing_ok=True)
     with capsys.disabled(): print(f"\n[test_browser] screenshots in {shots}")
     errors = []
     with sync_playwright() as p:

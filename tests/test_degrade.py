@@ -102,6 +102,11 @@ def test_motion_keeps_the_reference_position():
     assert (com(y) - com(x)).abs().max() < 0.5
 
 
+def test_motion_single_state_is_identity():
+    x = head()
+    torch.testing.assert_close(motion(x, 1.0, gen(), DEFAULT_RANGES.replace(motion_states=1)), x)
+
+
 def test_motion_fixed_phase_axis():
     x = head()
     r = DEFAULT_RANGES.replace(motion_axis=1)

@@ -193,3 +193,15 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path):
         UniFuse.load(tmp_path / "partial.pt")
     with pytest.raises(FileNotFoundError):
         UniFuse.load(tmp_path / "missing.pt")
+
+
+def test_colour_input_runs_with_crcb():
+    torch.manual_seed(0)
+    model = UniFuse(UniFuseConfig.tiny(in_channels=3))
+    ref, deg = _volumes(1, (16, 16, 16), c=3)
+    out = model(ref, deg)
+    assert out["fused"].shape == (1, 3, 16, 16, 16) and out["warped"].shape == deg.shape
+    b = dict(ref=ref, deg=deg, deg_label=deg, ref_moved=ref, deg_fine=deg,
+             flow=torch.zeros(1, 3, 16, 16, 16), label=torch.tensor([0]))
+    L = model.loss(b)
+    assert float(L["crcb"].detach()) > 0 and torch.isfinite(L["total"])    # Eq. 13 is on for colour

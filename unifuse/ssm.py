@@ -7,14 +7,14 @@ Docs: https://unifuse.github.io/unifuse/ssm.html.md"""
 # %% auto #0
 __all__ = ['BACKENDS', 'selective_scan_ref', 'selective_scan', 'MambaBlock']
 
-# %% ../nbs/05_ssm.ipynb #747f5983
+# %% ../nbs/05_ssm.ipynb #8d1b5091
 import math, os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-# %% ../nbs/05_ssm.ipynb #7ba4907b
+# %% ../nbs/05_ssm.ipynb #d56e2b18
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     "Plain sequential recurrence, one step at a time: the reference every other path is checked against."
@@ -42,7 +42,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     y = y.to(dtype_in)
     return (y, h) if return_last_state else y
 
-# %% ../nbs/05_ssm.ipynb #93afeae5
+# %% ../nbs/05_ssm.ipynb #dfb2611b
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e): torch's exp2 is about twice as fast as exp on CPU
 _LOG2_TINY = -126.0  # 2^-126 ≈ 1.2e-38, the smallest normal float32: decays below it are taken as it (see below)
 
@@ -80,7 +80,7 @@ def _scan_rev(a, x, out, ws):
     if T > 2: torch.addcmul(x1[..., :-1, :], a1[..., :-1, :], out[..., 2::2, :], out=out[..., 1:-1:2, :])  # 1, 3, …
     return out
 
-# %% ../nbs/05_ssm.ipynb #f15e157f
+# %% ../nbs/05_ssm.ipynb #46c421d1
 def _block_view(M, s, e, G, H):
     "B or C as a view broadcastable to (b, G, H, T, N) for the steps s:e; `M` is (d, N) or (b, G', L, N)."
     if M.dim() == 2: return M.view(1, G, H, 1, M.shape[-1])                  # constant over b and t
@@ -179,7 +179,7 @@ class _ChunkedScan(torch.autograd.Function):
             lam = a[..., 0, :] * g[..., 0, :]                                  # dLoss/dh_{s-1}
         return du.view(b, d, L), ddelta.view(b, d, L), dA.view(d, N), dB, dC, None, None
 
-# %% ../nbs/05_ssm.ipynb #763b4add
+# %% ../nbs/05_ssm.ipynb #b0c36073
 BACKENDS = ("torch", "cuda")
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
@@ -250,7 +250,7 @@ def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, G
     if z is not None: y = y * F.silu(z.float())                              # gate
     return y.to(dtype_in), h
 
-# %% ../nbs/05_ssm.ipynb #159fee25
+# %% ../nbs/05_ssm.ipynb #7bf1100d
 def _mamba_kernel():
     "mamba-ssm's fused CUDA selective scan, or None when it does not import (imported here, never at module level)."
     try:
@@ -329,7 +329,7 @@ def selective_scan(u:torch.Tensor,  # input sequence u (batch, dim, seqlen)
         y, h = _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, G, chunk_size)
     return (y, h) if return_last_state else y
 
-# %% ../nbs/05_ssm.ipynb #52179f4d
+# %% ../nbs/05_ssm.ipynb #77482edc
 class MambaBlock(nn.Module):
     "The Mamba mixer: in_proj → (x, z); causal depthwise conv1d and SiLU on x; x_proj → (Δ, B, C); selective scan; gate; out_proj."
     def __init__(self,

@@ -1,0 +1,111 @@
+"Tests of unifuse.evaluate: baseline stages, tables, and the unifuse-eval command (with and without a checkpoint)."
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unifuse import evaluate as E
+from unifuse.data import builtin_pair
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return builtin_pair("mri", seed=7, size=32)
+
+
+def test_register_recovers_a_known_shift(pair):
+    t1, t2 = pair["ref"][0], pair["other"][0]
+    moved = torch.roll(t2, shifts=(2, -3), dims=(0, 1))                         # +2 along D, -3 along H
+    r = E.register(t1, moved, deformable=False)
+    assert r["flow"].shape == (3, 32, 32, 32) and r["aligned"].shape == (32, 32, 32)
+    m = r["flow"][:, 8:-8, 8:-8, 8:-8].mean((1, 2, 3))
+    assert torch.allclose(m, torch.tensor([2.0, -3.0, 0.0]), atol=0.5), m
+    err = lambda x: float(((torch.as_tensor(x) - t2)[8:-8, 8:-8, 8:-8] ** 2).mean())
+    assert err(r["aligned"]) < 0.2 * err(moved)
+
+
+def test_fusion_rules(pair):
+    a, b = pair["ref"][0], pair["other"][0]
+    x = torch.rand(1, 1, 12, 16, 20, dtype=torch.float64)
+    assert torch.allclose(E.collapse_pyramid(E.laplacian_pyramid(x, 3)), x, atol=1e-12)
+    assert torch.allclose(E.fuse(a, b, "average"), (a.double() + b.double()) / 2)
+    assert torch.equal(E.fuse(a, b, "maximum"), torch.maximum(a, b).double())
+    p = E.fuse(a, b, "pyramid")
+    assert p.shape == a.shape and 0 <= float(p.min()) and float(p.max()) <= 1
+    assert torch.allclose(E.fuse(a, a, "pyramid"), a.double(), atol=1e-6)
+    with pytest.raises(ValueError, match="rule"): E.fuse(a, b, "median")
+
+
+def test_restore_keeps_range_and_refuses_unknown(pair):
+    x = (pair["other"][0] + 0.05 * torch.randn(32, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    for task in ("mri", "ct", "pet"):
+        r = E.restore(x, task)
+        assert r.shape == (32, 32, 32) and r.min() >= 0 and r.max() <= 1
+    assert np.abs(E.restore(x, "pet") - pair["other"][0].numpy()).mean() < np.abs(x - pair["other"][0]).mean().item()
+    with pytest.raises(ValueError, match="task"): E.restore(x, "xray")
+
+
+def test_score_case_identity_and_true_flow():
+    case = next(E.builtin_cases(["ct"], n=1, size=32))
+    fused = (case["ref"] + case["deg_label"]) / 2
+    true = E.score_case(case, fused, case["flow"])
+    none = E.score_case(case, fused, None)
+    assert all(isinstance(v, float) for v in true.values())
+    assert true["align_ssim"] > none["align_ssim"] and true["align_dice"] > none["align_dice"]
+    assert true["align_dice"] > 0.8 and true["align_folding"] == 0.0
+    assert math.isclose(true["Q_mse"], none["Q_mse"])                            # fusion scores ignore the flow
+
+
+def test_markdown_table_marks_best():
+    rows = [{"method": "a", "case": 0, "task": "mri", "Q_mse": 0.1, "Q_ssim": 1.0, "time_s": 1.0},
+            {"method": "b", "case": 0, "task": "mri", "Q_mse": 0.2, "Q_ssim": 1.2, "time_s": 2.0}]
+    s = E.summarise(rows, flops={"b": 3e9})
+    md = E.markdown_table(s, ("Q_mse", "Q_ssim", "flops_G", "time_s"))
+    lines = md.splitlines()
+    assert lines[0].startswith("| method") and len(lines) == 4
+    assert "**0.1000**" in lines[2] and "**1.2000**" in lines[3] and "3.0000" in lines[3] and "—" in lines[2]
+
+
+def _check_outputs(out, methods, n_cases=2):
+    with open(out / "fusion.csv") as f: fus = list(csv.DictReader(f))
+    assert [r["method"] for r in fus] == methods
+    for col in ("Q_mse", "Q_cc", "Q_psnr", "Q_scd", "Q_vif", "Q_ssim", "time_s"):
+        assert all(math.isfinite(float(r[col])) for r in fus), col
+    with open(out / "cases.csv") as f: cases = list(csv.DictReader(f))
+    assert len(cases) == len(methods) * n_cases                                  # per-case rows kept
+    assert (out / "fusion.md").read_text().count("\n|") >= len(methods) + 1
+    assert (out / "montage_mri_worst.png").stat().st_size > 1000
+    assert (out / "montage_mri_best.png").exists() == (n_cases > 1)
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert meta["methods"] == methods
+    return fus
+
+
+def test_cli_baseline_only(tmp_path, capsys):
+    assert E.main(["--tasks", "mri", "--n", "2", "--size", "32", "--fusion", "average", "pyramid",
+                   "--out", str(tmp_path), "--quiet"]) == 0
+    fus = _check_outputs(tmp_path, ["Inputs + Average", "TV + Rigid + Average", "TV + Rigid + Pyramid"])
+    assert all(r["flops_G"] in ("", "nan") for r in fus)                       # classical stages: not countable
+    assert "Q_ssim" in capsys.readouterr().out
+
+
+def test_cli_help_and_errors(capsys):
+    with pytest.raises(SystemExit) as e: E.main(["--help"])
+    assert e.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    with pytest.raises(SystemExit): E.main(["--no-baseline"])                 # needs a checkpoint
+    with pytest.raises(SystemExit): E.main(["--tasks", "xray"])
+
+
+@pytest.mark.slow
+def test_cli_with_a_tiny_random_checkpoint(tmp_path):
+    from unifuse.model import UniFuse, UniFuseConfig
+    torch.manual_seed(0)
+    ck = UniFuse(UniFuseConfig.tiny()).save(tmp_path / "tiny.pt")
+    out = tmp_path / "out"
+    assert E.main(["--checkpoint", str(ck), "--no-baseline", "--tasks", "mri", "--n", "1", "--size", "32",
+                   "--out", str(out), "--quiet"]) == 0
+    uni = _check_outputs(out, ["UniFuse"], n_cases=1)[0]
+    assert float(uni["flops_G"]) > 0 and math.isclose(float(uni["params_M"]) * 1e6, sum(p.numel() for p in UniFuse.load(ck).parameters()))
