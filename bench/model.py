@@ -2,11 +2,11 @@
 """Budgets of the UniFuse network.
 
 * FLOPs of one input pair (default 256³, the paper's Q_f = 395 G) counted with
-  `torch.utils.flop_counter.FlopCounterMode` (a multiply-add is 2 FLOPs), per module, on the meta device
-  (no memory, no arithmetic). By default the count runs at 128³ and is scaled ×8 by the number of voxels:
-  every counted operation is per voxel or per token apart from the prompt MLPs (negligible) and FA's
-  windows on its coarsest grids (slightly smaller at 128³); `--flops-count-size 256` counts exactly
-  (minutes, because the pure-PyTorch selective scan loops over chunks even on the meta device).
+  `torch.utils.flop_counter.FlopCounterMode` (a multiply-add is 2 FLOPs), per module. By default the
+  count runs on real CPU tensors at 64³ and is scaled ×64 by the number of voxels: every counted
+  operation is per voxel or per token apart from the prompt MLPs (negligible) and FA's windows on its
+  coarsest grids (slightly different at 64³). `--flops-device meta --flops-count-size 256` counts exactly
+  without memory, where every module runs on the meta device (the selective scan must not read values).
 * Parameters: total and per part (UFR&F's budget: 0.95 M).
 * CPU: forward time and peak memory at `--cpu-size` (default 128³), the time of what the counter cannot
   see (selective scans and warps, measured by wrapping them), and the profiler's top operations.
@@ -170,12 +170,12 @@ def main(argv=None):
     ap.add_argument("--n-regblk", type=int, default=None, help="override J")
     ap.add_argument("--alsn", choices=["lora", "none", "experts"], default=None, help="override the ALSN switch")
     ap.add_argument("--flops-size", type=int, default=256, help="side of the cubic pair whose FLOPs are counted")
-    ap.add_argument("--flops-count-size", type=int, default=128,
-                    help="size actually counted; the count is scaled by voxels to --flops-size (equal sizes: exact; "
-                         "256 takes minutes: the pure-PyTorch scan loops over chunks even on the meta device)")
-    ap.add_argument("--flops-device", choices=["meta", "cpu"], default="meta", help="where the counting runs")
+    ap.add_argument("--flops-count-size", type=int, default=64,
+                    help="size actually counted; the count is scaled by voxels to --flops-size (equal sizes: exact)")
+    ap.add_argument("--flops-device", choices=["meta", "cpu"], default="cpu",
+                    help="where the counting runs (meta: no memory, needs value-free code paths)")
     ap.add_argument("--cpu-size", type=int, default=128, help="side of the CPU forward timing (0: skip)")
-    ap.add_argument("--cpu-reps", type=int, default=2)
+    ap.add_argument("--cpu-reps", type=int, default=1, help="timed forwards after one warm-up (plus one profiled)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--cuda-batch", type=int, default=3)
     ap.add_argument("--cuda-size", type=int, default=160)

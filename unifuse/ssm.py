@@ -7,14 +7,14 @@ Docs: https://unifuse.github.io/unifuse/ssm.html.md"""
 # %% auto #0
 __all__ = ['BACKENDS', 'selective_scan_ref', 'selective_scan', 'MambaBlock']
 
-# %% ../nbs/05_ssm.ipynb #8d1b5091
+# %% ../nbs/05_ssm.ipynb #f8ac8cfc
 import math, os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-# %% ../nbs/05_ssm.ipynb #d56e2b18
+# %% ../nbs/05_ssm.ipynb #c314bb1d
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     "Plain sequential recurrence, one step at a time: the reference every other path is checked against."
@@ -42,7 +42,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     y = y.to(dtype_in)
     return (y, h) if return_last_state else y
 
-# %% ../nbs/05_ssm.ipynb #dfb2611b
+# %% ../nbs/05_ssm.ipynb #a0badb69
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e): torch's exp2 is about twice as fast as exp on CPU
 _LOG2_TINY = -126.0  # 2^-126 ≈ 1.2e-38, the smallest normal float32: decays below it are taken as it (see below)
 
@@ -57,30 +57,36 @@ def _workspace(shape, like):
 def _scan_fwd(a, x, out, ws):
     "out_t = a_t out_{t-1} + x_t along dim -2 (out_{-1} = 0), T a power of two: log2(T) halvings, O(T) work."
     T = x.shape[-2]
-    if T == 1: return out.copy_(x)
+    if T <= 2:
+        out[..., 0, :] = x[..., 0, :]
+        if T == 2: torch.addcmul(x[..., 1, :], a[..., 1, :], x[..., 0, :], out=out[..., 1, :])
+        return out
     a0, a1, x0, x1 = a[..., 0::2, :], a[..., 1::2, :], x[..., 0::2, :], x[..., 1::2, :]
     ap, xp = ws[T // 2]
     torch.mul(a1, a0, out=ap)                                                 # two steps merged into one:
     torch.addcmul(x1, a1, x0, out=xp)                                         # (a1 a0, a1 x0 + x1)
     _scan_fwd(ap, xp, out[..., 1::2, :], ws)                                  # states at steps 1, 3, 5, …
     out[..., 0, :] = x[..., 0, :]
-    if T > 2: torch.addcmul(x0[..., 1:, :], a0[..., 1:, :], out[..., 1:-1:2, :], out=out[..., 2::2, :])  # 2, 4, …
+    torch.addcmul(x0[..., 1:, :], a0[..., 1:, :], out[..., 1:-1:2, :], out=out[..., 2::2, :])  # steps 2, 4, …
     return out
 
 def _scan_rev(a, x, out, ws):
     "out_t = a_t out_{t+1} + x_t along dim -2 (out_T = 0): the same halving run backwards in time (for gradients)."
     T = x.shape[-2]
-    if T == 1: return out.copy_(x)
+    if T <= 2:
+        out[..., -1, :] = x[..., -1, :]
+        if T == 2: torch.addcmul(x[..., 0, :], a[..., 0, :], x[..., 1, :], out=out[..., 0, :])
+        return out
     a0, a1, x0, x1 = a[..., 0::2, :], a[..., 1::2, :], x[..., 0::2, :], x[..., 1::2, :]
     ap, xp = ws[T // 2]
     torch.mul(a0, a1, out=ap)
     torch.addcmul(x0, a0, x1, out=xp)
     _scan_rev(ap, xp, out[..., 0::2, :], ws)                                  # states at steps 0, 2, 4, …
     out[..., -1, :] = x[..., -1, :]
-    if T > 2: torch.addcmul(x1[..., :-1, :], a1[..., :-1, :], out[..., 2::2, :], out=out[..., 1:-1:2, :])  # 1, 3, …
+    torch.addcmul(x1[..., :-1, :], a1[..., :-1, :], out[..., 2::2, :], out=out[..., 1:-1:2, :])  # steps 1, 3, …
     return out
 
-# %% ../nbs/05_ssm.ipynb #46c421d1
+# %% ../nbs/05_ssm.ipynb #5b70a85e
 def _block_view(M, s, e, G, H):
     "B or C as a view broadcastable to (b, G, H, T, N) for the steps s:e; `M` is (d, N) or (b, G', L, N)."
     if M.dim() == 2: return M.view(1, G, H, 1, M.shape[-1])                  # constant over b and t
@@ -146,8 +152,9 @@ class _ChunkedScan(torch.autograd.Function):
         dA = torch.zeros_like(A5)
         dB, dC = torch.zeros_like(B), torch.zeros_like(C)
         shape = (b, G, H, T, N)
-        a, x, hs, g, c, tmp = [u.new_empty(shape) for _ in range(6)]          # reused by every block
-        c[..., -1, :] = 0
+        x, hs, g, tmp = [u.new_empty(shape) for _ in range(4)]                # reused by every block
+        a_ext = u.new_zeros(b, G, H, T + 1, N)
+        a, c = a_ext[..., :T, :], a_ext[..., 1:, :]                            # Ā_t and Ā_{t+1}, one buffer
         ws = _workspace(shape, u)
         for i in reversed(range(L // T)):
             s, e = i * T, (i + 1) * T
@@ -164,11 +171,10 @@ class _ChunkedScan(torch.autograd.Function):
             else: dC[:, :, s:e] = gC[:, :, 0]
             torch.mul(gyb, Cv, out=x)                                          # ∂y_t/∂h_t (b, G, H, T, N)
             x[..., -1, :] += lam
-            c[..., :-1, :] = a[..., 1:, :]                                     # Ā_{t+1}
             _scan_rev(c, x, g, ws)                                             # dLoss/dh_t = x_t + Ā_{t+1} dLoss/dh_{t+1}
-            x[..., 1:, :] = hs[..., :-1, :]
-            x[..., 0, :] = h0                                                  # h_{t-1}
-            ga = x.mul_(g).mul_(a)                                             # dLoss/d(ΔA) (b, G, H, T, N)
+            torch.mul(g[..., 1:, :], hs[..., :-1, :], out=x[..., 1:, :])       # dLoss/dĀ_t = dLoss/dh_t h_{t-1}
+            torch.mul(g[..., 0, :], h0, out=x[..., 0, :])
+            ga = x.mul_(a)                                                     # dLoss/d(ΔA) (b, G, H, T, N)
             dA += torch.mul(ga, dl, out=tmp).sum((0, 3), keepdim=True)
             gdu = torch.mul(g, Bv, out=tmp).sum(-1)                            # dLoss/d(Δu) (b, G, H, T)
             ddelta[..., s:e] = torch.mul(ga, A5, out=tmp).sum(-1) + gdu * uu[..., 0]
@@ -179,7 +185,7 @@ class _ChunkedScan(torch.autograd.Function):
             lam = a[..., 0, :] * g[..., 0, :]                                  # dLoss/dh_{s-1}
         return du.view(b, d, L), ddelta.view(b, d, L), dA.view(d, N), dB, dC, None, None
 
-# %% ../nbs/05_ssm.ipynb #b0c36073
+# %% ../nbs/05_ssm.ipynb #dd5bb6aa
 BACKENDS = ("torch", "cuda")
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
@@ -250,7 +256,7 @@ def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, G
     if z is not None: y = y * F.silu(z.float())                              # gate
     return y.to(dtype_in), h
 
-# %% ../nbs/05_ssm.ipynb #7bf1100d
+# %% ../nbs/05_ssm.ipynb #68e74443
 def _mamba_kernel():
     "mamba-ssm's fused CUDA selective scan, or None when it does not import (imported here, never at module level)."
     try:
@@ -269,12 +275,13 @@ def _last_state_closed_form(u, delta, A, B):
     w = torch.exp((rest[..., None] * A[:, None, :]).clamp(min=_LOG2_TINY / _LOG2E))  # (b, d, L, N)
     return (w * (delta * u)[..., None] * Bt).sum(-2)                        # (b, d, N)
 
-def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-    fn = _mamba_kernel()
+def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, kernel=None):
+    "mamba-ssm's kernel, with a differentiable last state; `kernel` stands in for `selective_scan_fn` (tests)."
+    fn = kernel or _mamba_kernel()
     if fn is None:
         raise RuntimeError("selective_scan: backend 'cuda' needs mamba-ssm's CUDA kernel, which does not import here. "
                            "Install it on a CUDA machine (pip install 'unifuse[cuda]') or use backend='torch'.")
-    if not u.is_cuda:
+    if kernel is None and not u.is_cuda:
         raise ValueError(f"selective_scan: backend 'cuda' needs CUDA tensors, `u` is on {u.device}; "
                          "move the tensors with .cuda() or use backend='torch'.")
     A32 = A.float()
@@ -329,7 +336,7 @@ def selective_scan(u:torch.Tensor,  # input sequence u (batch, dim, seqlen)
         y, h = _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, G, chunk_size)
     return (y, h) if return_last_state else y
 
-# %% ../nbs/05_ssm.ipynb #77482edc
+# %% ../nbs/05_ssm.ipynb #382b1113
 class MambaBlock(nn.Module):
     "The Mamba mixer: in_proj → (x, z); causal depthwise conv1d and SiLU on x; x_proj → (Δ, B, C); selective scan; gate; out_proj."
     def __init__(self,
