@@ -105,3 +105,14 @@ def test_ablation_settings(pair, mode):
         assert float(dapl.ce_loss(out, torch.tensor([0, 1]))) == 0.0
     if mode == "A":
         assert not torch.allclose(out["h"][0], torch.zeros_like(out["h"][0]))
+
+
+def test_single_sample_batches():
+    torch.manual_seed(0)
+    dapl = DAPL(UniFuseConfig.tiny(n_classes=4))
+    x = torch.rand(1, 1, 16, 16, 16)
+    out = dapl(x, x)  # training mode with B = 1: running statistics standardise the states
+    assert out["logits"].shape == (1, 4) and torch.isfinite(out["logits"]).all()
+    dapl.eval()
+    with torch.no_grad():
+        assert torch.isfinite(dapl(x, x)["probs"]).all()
