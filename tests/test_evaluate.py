@@ -84,6 +84,7 @@ def _check_outputs(out, methods, n_cases=2):
     return fus
 
 
+@pytest.mark.slow
 def test_cli_baseline_only(tmp_path, capsys):
     assert E.main(["--tasks", "mri", "--n", "2", "--size", "32", "--fusion", "average", "pyramid",
                    "--out", str(tmp_path), "--quiet"]) == 0
@@ -109,3 +110,17 @@ def test_cli_with_a_tiny_random_checkpoint(tmp_path):
                    "--out", str(out), "--quiet"]) == 0
     uni = _check_outputs(out, ["UniFuse"], n_cases=1)[0]
     assert float(uni["flops_G"]) > 0 and math.isclose(float(uni["params_M"]) * 1e6, sum(p.numel() for p in UniFuse.load(ck).parameters()))
+
+
+@pytest.mark.slow
+def test_cli_with_a_reader(tmp_path):
+    from unifuse.data import fake_tree
+    root = fake_tree(tmp_path / "brats", "brats2020", n=4, size=24)
+    out = tmp_path / "out"
+    assert E.main(["--dataset", "brats2020", "--root", str(root), "--n", "1", "--size", "24", "--fusion", "average",
+                   "--out", str(out), "--quiet"]) == 0
+    with open(out / "cases.csv") as f: rows = list(csv.DictReader(f))
+    assert {r["task"] for r in rows} == {"mri"} and len(rows) == 2
+    assert all(r["align_dice"] in ("", "nan") for r in rows)                    # real data: no tissue labels
+    assert all(math.isfinite(float(r["Q_ssim"])) for r in rows)
+    with pytest.raises(SystemExit): E.main(["--dataset", "brats2020"])         # needs --root

@@ -17,10 +17,10 @@ from .metrics import (fusion_metrics, alignment_metrics, dice, folding_fraction,
 from .spatial import warp
 
 # %% auto #0
-__all__ = ['TV_WEIGHT', 'FUSION_RULES', 'FUSION_COLS', 'ALIGN_COLS', 'restore_tv', 'restore', 'register', 'laplacian_pyramid',
-           'collapse_pyramid', 'fuse', 'staged_baseline', 'make_case', 'builtin_cases', 'score_case',
-           'baseline_methods', 'unifuse_method', 'evaluate', 'summarise', 'markdown_table', 'write_csv', 'montage',
-           'write_montages', 'main']
+__all__ = ['TV_WEIGHT', 'FUSION_RULES', 'FUSION_COLS', 'ALIGN_COLS', 'READERS', 'restore_tv', 'restore', 'register',
+           'laplacian_pyramid', 'collapse_pyramid', 'fuse', 'staged_baseline', 'make_case', 'builtin_cases',
+           'score_case', 'baseline_methods', 'unifuse_method', 'evaluate', 'summarise', 'markdown_table', 'write_csv',
+           'montage', 'write_montages', 'reader_cases', 'main']
 
 # %% ../nbs/65_evaluate.ipynb #bcd2c16f
 from .degrade import TASKS as DEGRADATION  # task -> degradation of its degraded input
@@ -186,7 +186,7 @@ def make_case(pair:dict, # a clean aligned pair: `ref`, `other` (1, D, H, W), `l
     b = make_batch(ref, other, pair["task"], generator=g)
     case = {k: b[k] for k in ("ref", "deg", "deg_label", "deg_fine", "flow")}
     case.update(task=pair["task"], id=str(pair.get("id", f"{pair['task']}-{seed}")),
-                labels=torch.as_tensor(pair["labels"]).to(device))
+                labels=torch.as_tensor(pair["labels"]).to(device) if pair.get("labels") is not None else None)
     return case
 
 def builtin_cases(tasks=("mri", "ct", "pet"), # tasks, each gets `n` cases
@@ -216,9 +216,11 @@ def score_case(case:dict, fused, flow=None) -> dict:
     if key not in cache:
         aligned = warp(case["deg_fine"], flow[None])[0, 0]                       # (D, H, W)
         al = {f"align_{k}": v for k, v in alignment_metrics(aligned.cpu(), lab).items()}
-        if "labels_moved" not in case:                                           # labels moved like the image
-            case["labels_moved"] = warp_labels(case["labels"], invert_flow(case["flow"])[0])
-        al["align_dice"] = dice(warp_labels(case["labels_moved"], flow).cpu(), case["labels"].cpu())["mean"]
+        if case["labels"] is None: al["align_dice"] = float("nan")              # readers' data: no tissue labels
+        else:
+            if "labels_moved" not in case:                                       # labels moved like the image
+                case["labels_moved"] = warp_labels(case["labels"], invert_flow(case["flow"])[0])
+            al["align_dice"] = dice(warp_labels(case["labels_moved"], flow).cpu(), case["labels"].cpu())["mean"]
         al["align_folding"] = folding_fraction(flow.cpu())
         cache[key] = al
     row.update(cache[key])
@@ -292,7 +294,8 @@ def summarise(rows:list, flops:dict|None=None, params:dict|None=None) -> list:
         s = {"method": name, "n": len(rs)}
         for c in FUSION_COLS + ALIGN_COLS + ("time_s",):
             v = np.array([float(r[c]) for r in rs if c in r], dtype=float)
-            if len(v): s[c], s[c + "_std"] = float(np.nanmean(v)), float(np.nanstd(v))
+            if len(v) and not np.isnan(v).all(): s[c], s[c + "_std"] = float(np.nanmean(v)), float(np.nanstd(v))
+            elif len(v): s[c], s[c + "_std"] = float("nan"), float("nan")
         s["flops_G"] = flops[name] / 1e9 if name in flops else float("nan")
         s["params_M"] = params[name] / 1e6 if name in params else float("nan")
         out.append(s)
@@ -380,11 +383,15 @@ def _parser() -> argparse.ArgumentParser:
                "  unifuse-eval --checkpoint model.pt --tasks mri --n 5 --out results\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="model saved by UniFuse.save (default: none, baseline only)")
-    p.add_argument("--dataset", default="builtin", help="'builtin' (default) or the name of a reader in unifuse.data")
-    p.add_argument("--root", type=Path, default=None, help="dataset folder for a reader")
-    p.add_argument("--tasks", nargs="+", default=["mri", "ct", "pet"], choices=["mri", "ct", "pet"], help="tasks to evaluate")
+    p.add_argument("--dataset", default="builtin", choices=["builtin", *READERS],
+                   help="'builtin' (default: built-in heads) or a reader of unifuse.data")
+    p.add_argument("--root", type=Path, default=None, help="dataset folder for a reader (for 'csv': the CSV file)")
+    p.add_argument("--split", default="test", choices=["test", "train", "all"], help="reader split (default test)")
+    p.add_argument("--tasks", nargs="+", default=["mri", "ct", "pet"], choices=["mri", "ct", "pet"],
+                   help="tasks to evaluate (built-in; a reader's dataset fixes its task)")
     p.add_argument("--n", type=int, default=2, help="cases per task (built-in) or at most this many per task (reader); default 2")
-    p.add_argument("--size", type=int, default=48, help="built-in volume side in voxels (default 48)")
+    p.add_argument("--size", type=int, default=48, help="volume side in voxels: built-in heads, or the grid a reader "
+                                                         "resamples to (default 48)")
     p.add_argument("--seed", type=int, default=1, help="built-in seed block for test subjects (default 1; training uses 0)")
     p.add_argument("--fusion", nargs="+", default=list(FUSION_RULES), choices=list(FUSION_RULES), help="baseline fusion rules")
     p.add_argument("--registration", default="rigid", choices=["rigid", "bspline"],
@@ -396,15 +403,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
-def _reader_cases(name, root, tasks, n, device):
+READERS = {"brats2020": "BraTS2020", "synthrad2023": "SynthRAD2023", "petct": "PETCT", "csv": "CSVPairs"}
+
+def reader_cases(name:str, # a key of `READERS`: "brats2020", "synthrad2023", "petct" or "csv"
+                 root, # the dataset folder (for "csv": the CSV file)
+                 n:int=2, # at most this many cases
+                 size=48, # resample every pair onto this grid (int or (D, H, W)); None: native grid
+                 split:str="test", # "test", "train" or "all" (the reader's seeded split)
+                 split_seed:int=0, # the split's seed (the one training used)
+                 device="cpu"):
+    "Evaluation cases from one of `unifuse.data`'s readers: a generator of `make_case` dicts (no tissue labels: Dice is NaN)."
     import unifuse.data as data
-    opener = getattr(data, "open_dataset", None)
-    if opener is None: raise SystemExit(f"dataset {name!r}: this version of unifuse.data has no readers; use --dataset builtin")
-    for task in tasks:
-        ds = opener(name, root, split="test", task=task)
-        for i in range(min(n, len(ds))):
-            pair = ds[i]; pair.setdefault("task", task)
-            yield make_case(pair, seed=i, device=device)
+    if name not in READERS: raise ValueError(f"dataset {name!r}: expected 'builtin' or one of {list(READERS)}")
+    ds = getattr(data, READERS[name])(root, split=split, size=size, seed=split_seed)
+    for i in range(min(n, len(ds))):
+        yield make_case(ds[i], seed=i, device=device)
 
 def main(argv=None) -> int:
     "Command line entry point of `unifuse-eval`."
@@ -416,7 +429,7 @@ def main(argv=None) -> int:
         cases = list(builtin_cases(args.tasks, args.n, args.size, args.seed, args.device))
     else:
         if args.root is None: _parser().error(f"--dataset {args.dataset} needs --root")
-        cases = list(_reader_cases(args.dataset, args.root, args.tasks, args.n, args.device))
+        cases = list(reader_cases(args.dataset, args.root, args.n, args.size, args.split, device=args.device))
     methods, flops, params = {}, {}, {}
     if args.checkpoint is not None:
         model = _load_model(args.checkpoint, args.device)
