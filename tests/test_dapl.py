@@ -71,6 +71,22 @@ def test_ce_gradient_reaches_encoder(pair):
         l_ce(out["logits"], torch.tensor([0, 4]))
 
 
+def test_every_parameter_trained(pair):
+    "L_ce reaches every DAPL parameter outside the prompt path (P and the selector of Eq. 2); the prompt reaches those."
+    torch.manual_seed(0)
+    dapl = DAPL(UniFuseConfig.tiny())
+    out = dapl(*pair)
+    dapl.ce_loss(out, torch.tensor([1, 2])).backward()
+    prompt_path = lambda n: n == "prompts" or n.startswith("selector.")
+    dead = [n for n, p in dapl.named_parameters() if not prompt_path(n) and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not dead, dead
+    assert not hasattr(dapl.mamba2, "out_proj") and not hasattr(dapl.mamba2, "D")
+    dapl.zero_grad(set_to_none=True)
+    dapl(*pair)["prompt"].square().sum().backward()
+    for n, p in dapl.named_parameters():
+        if prompt_path(n): assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
 def test_bad_inputs(pair):
     dapl = DAPL(UniFuseConfig.tiny())
     deg, ref = pair

@@ -165,3 +165,37 @@ def test_kernel_path_last_state_gradient_with_stand_in_kernel():
     bare = run(lambda **a: kernel_like(*[a[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")],
                                        a["delta_softplus"], a["return_last_state"]), x, names, delta_softplus=True)
     assert rel(bare[2]["B"], ref[2]["B"]) > 1e-3
+
+
+def test_meta_device_shapes():
+    "No value is read on the torch path: the scan and both kinds of MambaBlock run on `meta` (FLOP counting)."
+    m = lambda *s: torch.empty(*s, device="meta", requires_grad=True)
+    y, h = selective_scan(m(2, 8, 45), m(2, 8, 45), m(8, 5), m(2, 5, 45), m(2, 5, 45), m(8), z=m(2, 8, 45),
+                          delta_bias=m(8), delta_softplus=True, return_last_state=True, backend="torch")
+    assert y.shape == (2, 8, 45) and h.shape == (2, 8, 5) and y.device.type == h.device.type == "meta"
+    (y.sum() + h.sum()).backward()  # the backward pass too
+    for state_only in (False, True):
+        blk = MambaBlock(16, d_state=4, state_only=state_only).to("meta")
+        y, h = blk(torch.empty(2, 20, 16, device="meta"))
+        assert h.shape == (2, 32, 4) and h.device.type == "meta"
+        assert (y is None) if state_only else (y.shape == (2, 20, 16) and y.device.type == "meta")
+
+
+def test_state_only_block():
+    "state_only keeps exactly what the last state depends on: same h as the full block, every parameter trained."
+    torch.manual_seed(0)
+    full, part = MambaBlock(16, d_state=4), MambaBlock(16, d_state=4, state_only=True)
+    assert not hasattr(part, "out_proj") and not hasattr(part, "D")
+    with torch.no_grad():  # copy the shared parameters: the x half of in_proj, the Δ and B rows of x_proj
+        for name in ("conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias", "A_log"):
+            part.get_parameter(name).copy_(full.get_parameter(name))
+        part.in_proj.weight.copy_(full.in_proj.weight[:full.d_inner])
+        part.x_proj.weight.copy_(full.x_proj.weight[:full.dt_rank + full.d_state])
+    x = torch.randn(2, 20, 16)
+    _, h_full = full(x)
+    y, h = part(x)
+    assert y is None and torch.allclose(h, h_full, atol=1e-6)
+    h.square().sum().backward()
+    for name, p in part.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert sum(p.numel() for p in part.parameters()) < sum(p.numel() for p in full.parameters())

@@ -157,9 +157,9 @@ class DAPL(nn.Module):
         hidden = cfg.dapl_hidden
         self.fuse = nn.Conv3d(2 * c, c, 1)                           # concat(F'_D, F_R) → J_DR
         self.patch = PatchEmbed(c, m, cfg.patch)
-        mk = lambda: MambaBlock(m, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, backend=cfg.ssm_backend)
+        mk = lambda **kw: MambaBlock(m, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, backend=cfg.ssm_backend, **kw)
         self.norm1, self.mamba1 = nn.LayerNorm(m), mk()
-        self.norm2, self.mamba2 = nn.LayerNorm(m), mk()
+        self.norm2, self.mamba2 = nn.LayerNorm(m), mk(state_only=True)  # only its last states are read
         self.reader = StateReader(self.d_inner, self.d_state, hidden)
         self.classifier = DegradationClassifier(hidden, n, hidden)
         if self.mode != "B": self.selector = PromptSelector(hidden, n, cfg.prompt_len, m, hidden)

@@ -103,11 +103,9 @@ def _decay(dl, A2, out, clamp):
     if clamp: out.clamp_(min=_LOG2_TINY)
     return out.exp2_()
 
-def _needs_clamp(delta, A2):
-    "Could some Δ A log2(e) fall below -126? Only CPUs care (their exp2 slows down ~40x on subnormal results)."
-    if delta.is_cuda: return False
-    lo, hi = delta.aminmax()
-    return bool(min(lo * A2.min(), lo * A2.max(), hi * A2.min(), hi * A2.max()) < _LOG2_TINY)
+def _needs_clamp(delta):
+    "Clamp the exponents on CPU only (its exp2 slows down ~40x on subnormal results): decided from the device, never from values."
+    return delta.device.type == "cpu"
 
 class _ChunkedScan(torch.autograd.Function):
     "h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = C_t h_t, block by block; backward recomputes each block's states."
@@ -117,7 +115,7 @@ class _ChunkedScan(torch.autograd.Function):
         N, H = A.shape[-1], d // G
         u5, dl5 = u.view(b, G, H, L), delta.view(b, G, H, L)                  # (b, G, H, L)
         A2 = A.view(1, G, H, 1, N) * _LOG2E                                    # A log2(e)
-        clamp = _needs_clamp(delta, A2)
+        clamp = _needs_clamp(delta)
         y = u.new_empty(b, G, H, L)
         h = u.new_zeros(b, G, H, N)
         shape = (b, G, H, T, N)
@@ -339,6 +337,8 @@ def selective_scan(u:torch.Tensor,  # input sequence u (batch, dim, seqlen)
 # %% ../nbs/05_ssm.ipynb #382b1113
 class MambaBlock(nn.Module):
     "The Mamba mixer: in_proj → (x, z); causal depthwise conv1d and SiLU on x; x_proj → (Δ, B, C); selective scan; gate; out_proj."
+    # state_only=True keeps just what the scan's last state h_L depends on (in_proj's x half, conv1d, x_proj's Δ and B
+    # rows, dt_proj, A): no z, C, D or out_proj, whose parameters could never receive a gradient; forward returns (None, h)
     def __init__(self,
                  d_model:int,  # token width M
                  d_state:int=16,  # state size N per channel
@@ -350,6 +350,7 @@ class MambaBlock(nn.Module):
                  bias:bool=False,  # biases of in_proj and out_proj
                  conv_bias:bool=True,  # bias of the convolution
                  backend:str=None,  # selective-scan backend (see `selective_scan`)
+                 state_only:bool=False,  # compute only the last state h (forward returns None for y)
                 ):
         super().__init__()
         for name, v in dict(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand).items():
@@ -357,12 +358,13 @@ class MambaBlock(nn.Module):
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.backend = backend
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.backend, self.state_only = backend, bool(state_only)
+        n_out = 1 if self.state_only else 2                                    # x only, or x and the gate z
+        self.in_proj = nn.Linear(d_model, n_out * self.d_inner, bias=bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + n_out * d_state, bias=False)  # Δ, B (and C)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        if not self.state_only: self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         # Mamba's initialisation: dt_proj weight ~ U(±dt_rank^-1/2); softplus(dt bias) log-uniform in [dt_min, dt_max]
         std = self.dt_rank ** -0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
@@ -370,24 +372,31 @@ class MambaBlock(nn.Module):
         with torch.no_grad(): self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         # S4D-real: A = -exp(A_log) with A_log = log(1..N) for every channel; D = 1
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
-        self.D = nn.Parameter(torch.ones(self.d_inner))
-        self.A_log._no_weight_decay = self.D._no_weight_decay = True
+        self.A_log._no_weight_decay = True
+        if not self.state_only:
+            self.D = nn.Parameter(torch.ones(self.d_inner))
+            self.D._no_weight_decay = True
 
     def forward(self, x:torch.Tensor,  # tokens (B, L, d_model)
-               ):  # y (B, L, d_model) and the scan's last state h (B, d_inner, d_state)
+               ):  # y (B, L, d_model), None if `state_only`, and the scan's last state h (B, d_inner, d_state)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MambaBlock: `x` should be (batch, seqlen, d_model={self.d_model}), "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
         L = x.shape[1]
-        xz = rearrange(self.in_proj(x), "b l e -> b e l")                       # (B, 2 d_inner, L)
-        xs, z = xz.chunk(2, dim=1)                                              # (B, d_inner, L) each
+        xz = rearrange(self.in_proj(x), "b l e -> b e l")                       # (B, 2 d_inner, L), or (B, d_inner, L)
+        xs, z = (xz, None) if self.state_only else xz.chunk(2, dim=1)           # (B, d_inner, L) each
         xs = F.silu(self.conv1d(xs)[..., :L])                                   # causal conv (B, d_inner, L)
-        dbc = self.x_proj(rearrange(xs, "b d l -> b l d"))                      # (B, L, dt_rank + 2N)
-        dt, Bm, Cm = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dbc = self.x_proj(rearrange(xs, "b d l -> b l d"))                      # (B, L, dt_rank + 2N), or + N
+        A = -torch.exp(self.A_log.float())                                      # (d_inner, N)
+        if self.state_only:                                                     # h_L needs neither C nor D nor z:
+            dt, Bm = dbc.split([self.dt_rank, self.d_state], dim=-1)            # a constant C = 0 stands in
+            Cm = A.new_zeros(self.d_inner, self.d_state)                        # (d_inner, N)
+        else: dt, Bm, Cm = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = rearrange(dt @ self.dt_proj.weight.t(), "b l d -> b d l")          # Δ before bias (B, d_inner, L)
         Bm = rearrange(Bm, "b l n -> b n l").contiguous()                       # (B, N, L)
-        Cm = rearrange(Cm, "b l n -> b n l").contiguous()                       # (B, N, L)
-        A = -torch.exp(self.A_log.float())                                      # (d_inner, N)
-        y, h = selective_scan(xs, dt, A, Bm, Cm, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+        if Cm.dim() == 3: Cm = rearrange(Cm, "b l n -> b n l").contiguous()     # (B, N, L)
+        D = None if self.state_only else self.D.float()
+        y, h = selective_scan(xs, dt, A, Bm, Cm, D, z=z, delta_bias=self.dt_proj.bias.float(),
                               delta_softplus=True, return_last_state=True, backend=self.backend)
+        if self.state_only: return None, h                                      # (B, d_inner, N)
         return self.out_proj(rearrange(y, "b d l -> b l d")), h                 # (B, L, d_model), (B, d_inner, N)
