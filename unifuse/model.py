@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 import unifuse
 from .config import UniFuseConfig
+from .files import atomic_path
 from .spatial import warp, resize_flow
 from .dapl import DAPL, to_volume
 from .oufr import OUFR, moda_loss
@@ -52,6 +53,7 @@ class UniFuse(nn.Module):
         if not isinstance(cfg, UniFuseConfig):
             raise TypeError(f"UniFuse: config must be a UniFuseConfig (or None for the paper preset), got {type(cfg).__name__}")
         self.cfg = cfg
+        self.meta = {}                                                      # facts a checkpoint carries (e.g. spacing_mm)
         self.dapl, self.oufr, self.fa, self.ufrf = DAPL(cfg), OUFR(cfg), FA(cfg), UFRF(cfg)
 
     @property
@@ -145,21 +147,19 @@ class UniFuse(nn.Module):
         L["total"] = sum(w[k] * L[k] for k in ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb"))  # Eq. 15
         return L
 
+    def checkpoint(self, meta:dict|None=None, # plain-Python facts to keep beside the weights (spacing trained at, steps, ...)
+                  ) -> dict: # what `save` writes; training checkpoints add their own keys to it
+        "The checkpoint dict: format, version, config, weights (on the CPU) and `meta`."
+        return dict(format="unifuse-model", format_version=1, unifuse_version=unifuse.__version__,
+                    config=self.cfg.to_dict(), state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()},
+                    meta={**self.meta, **(meta or {})})
+
     def save(self, path, # file to write (parent folders are created)
+             meta:dict|None=None, # extra plain-Python facts stored in the file and restored as `model.meta`
             ):
-        "Write weights and config to `path` atomically (a temporary file, then `os.replace`)."
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ckpt = dict(format="unifuse-model", format_version=1, unifuse_version=unifuse.__version__,
-                    config=self.cfg.to_dict(), state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(ckpt, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp): os.unlink(tmp)
-        return path
+        "Write weights, config and `meta` to `path` atomically (a temporary file, then `os.replace`)."
+        with atomic_path(path) as tmp: torch.save(self.checkpoint(meta), tmp)
+        return Path(path)
 
     @classmethod
     def load(cls, path, # a file written by `UniFuse.save`
@@ -181,4 +181,5 @@ class UniFuse(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"UniFuse.load: the weights in {path} do not fit the model its config builds "
                              f"(written by unifuse {ckpt.get('unifuse_version')}): {str(e)[:300]}") from e
+        model.meta = dict(ckpt.get("meta") or {})
         return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model

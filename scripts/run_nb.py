@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Re-record the outputs of notebooks in place, the way a learner runs them in JupyterLab.
+
+    .venv/bin/python scripts/run_nb.py nbs/50_model.ipynb [more.ipynb ...] [--flags slow cuda] [--timeout 1800]
+
+Cells flagged with a test flag (`#| slow`, `#| cuda`) are skipped and keep their recorded outputs unless
+`--flags` names the flag; every other cell runs in order in one fresh kernel started in `nbs/`. A failing
+cell stops the run and leaves the notebook file untouched. Afterwards run `.venv/bin/nbdev-clean`.
+Record timings only on an idle machine.
+"""
+import argparse, re, sys, time
+from pathlib import Path
+import nbformat
+from nbclient import NotebookClient
+
+FLAG = re.compile(r"^#\|\s*(\w+)\s*$")
+
+
+def flags_of(cell) -> set:
+    "Test flags (`#| slow`, `#| cuda`) at the top of a code cell."
+    out = set()
+    for line in cell.source.splitlines():
+        if not line.startswith("#|"): break
+        m = FLAG.match(line.strip())
+        if m: out.add(m.group(1))
+    return out
+
+
+def run(path:Path, flags:set, timeout:int, known=("slow", "cuda")) -> float:
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    t0 = time.time()
+    with client.setup_kernel():
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "code": continue
+            skip = (flags_of(cell) & set(known)) - flags
+            if skip: continue
+            t = time.time()
+            client.execute_cell(cell, i)
+            dt = time.time() - t
+            if dt > 5: print(f"  {path.name} cell {i}: {dt:.1f} s", file=sys.stderr)
+    nbformat.write(nb, path)
+    return time.time() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("notebooks", nargs="+", type=Path)
+    ap.add_argument("--flags", nargs="*", default=[], help="also run cells with these flags (e.g. slow)")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    a = ap.parse_args(argv)
+    for p in a.notebooks:
+        dt = run(p, set(a.flags), a.timeout)
+        print(f"{p}: {dt:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
