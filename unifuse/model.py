@@ -21,7 +21,8 @@ from .oufr import OUFR, moda_loss
 from .fa import FA, reg_loss
 from .ufrf import UFRF, fusion_losses
 
-_all_ = ["UniFuseConfig"]                                                   # re-exported: one import for users
+_all_ = ["UniFuseConfig"]
+def _weights_dir() -> Path: return Path(unifuse.__file__).parent / "weights"                                                   # re-exported: one import for users
 
 # %% auto #0
 __all__ = ['pad_to_multiple', 'crop_to', 'UniFuse', 'UniFuseConfig']
@@ -160,6 +161,24 @@ class UniFuse(nn.Module):
         "Write weights, config and `meta` to `path` atomically (a temporary file, then `os.replace`)."
         with atomic_path(path) as tmp: torch.save(self.checkpoint(meta), tmp)
         return Path(path)
+
+    @classmethod
+    def pretrained(cls, name:str="tiny", # which shipped weights: see `UniFuse.shipped()`
+                   map_location="cpu", # where to put the tensors
+                  ) -> UniFuse:
+        "The weights that ship inside the package (trained on the built-in data; see the model card)."
+        path = _weights_dir() / f"unifuse-{name}.pt"
+        if not path.is_file():
+            have = cls.shipped()
+            raise FileNotFoundError(f"UniFuse.pretrained: no shipped weights named {name!r} (looked for {path.name} in the "
+                                    f"package); available: {have or 'none in this installation'}")
+        return cls.load(path, map_location)
+
+    @staticmethod
+    def shipped() -> list[str]:
+        "Names of the weights that ship inside the package (`UniFuse.pretrained(name)`)."
+        d = _weights_dir()
+        return sorted(p.name[len("unifuse-"):-3] for p in d.glob("unifuse-*.pt")) if d.is_dir() else []
 
     @classmethod
     def load(cls, path, # a file written by `UniFuse.save`
