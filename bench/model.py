@@ -45,8 +45,8 @@ def count_flops(cfg: UniFuseConfig, size: int, device: str = "meta") -> dict:
         model = UniFuse(cfg).eval()
         m = model.multiple
         s = -(-size // m) * m                                               # padded size, as model() would
-        ref = torch.rand(1, cfg.in_channels, s, s, s)
-        deg = torch.rand(1, cfg.in_channels, s, s, s)
+        ref = torch.rand(1, 1, s, s, s)
+        deg = torch.rand(1, 1, s, s, s)
         with torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
             model._run(ref, deg)                                            # no input checks: meta has no values
     counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
@@ -78,8 +78,8 @@ def cpu_forward(cfg: UniFuseConfig, size: int, reps: int = 2, threads: int | Non
     torch.manual_seed(0)
     model = UniFuse(cfg).eval()
     g = torch.Generator().manual_seed(0)
-    ref = torch.rand(1, cfg.in_channels, size, size, size, generator=g)
-    deg = torch.rand(1, cfg.in_channels, size, size, size, generator=g)
+    ref = torch.rand(1, 1, size, size, size, generator=g)
+    deg = torch.rand(1, 1, size, size, size, generator=g)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # MiB
     with torch.no_grad(): model(ref, deg)                                   # warm-up
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,7 +1,9 @@
 """Tests of unifuse.data: built-in volumes, NIfTI I/O, orientation, normalisation, resampling, readers, splits."""
 import csv
 import json
+import os
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -344,8 +346,11 @@ def test_split_written_and_reused(trees, tmp_path):
     assert not {i["id"] for i in tr.items} & {i["id"] for i in te.items}
     sp = json.loads(f.read_text())
     assert sp["test"] == [i["id"] for i in te.items] and sp["seed"] == 0 and sp["n_found"] == 4
-    again = D.BraTS2020(trees["brats2020"], split="test", seed=123, split_file=f)     # the file wins
+    again = D.BraTS2020(trees["brats2020"], split="test", split_file=f)     # seed=None: the file's split
     assert [i["id"] for i in again.items] == sp["test"]
+    with pytest.raises(ValueError, match="seed=0") as e:                     # another seed: not silently the old split
+        D.BraTS2020(trees["brats2020"], split="test", seed=123, split_file=f)
+    assert str(f) in str(e.value) and "delete" in str(e.value)
     # the same seed draws the same split without a file; another seed (usually) another
     ids = [f"s{i:02d}" for i in range(30)]
     assert D.make_split(ids, (20, 10), seed=5) == D.make_split(ids, (20, 10), seed=5)
@@ -388,3 +393,115 @@ def test_builtin_device_argument_and_blur():
     assert y.shape == x.shape and abs(float(y.sum()) - 1) < 1e-5 and float(y.max()) < 0.1
     assert torch.allclose(y[0], y[0].permute(1, 2, 0), atol=1e-6)        # isotropic
     assert torch.equal(D.gaussian_blur(x, 0.1), x)                        # below 0.3 voxel: untouched
+
+
+# ---------------------------------------------------------------- issue 14: nothing lost, nothing silently wrong
+
+def test_save_nifti_is_atomic(tmp_path, monkeypatch):
+    f = D.save_nifti(tmp_path / "a.nii.gz", np.ones((4, 4, 4), np.float32), np.eye(4))
+    before = f.read_bytes()
+    def broken(img, fname):                                                  # a full disk halfway through
+        Path(fname).write_bytes(b"partial"); raise OSError("No space left on device")
+    monkeypatch.setattr(D.nib, "save", broken)
+    with pytest.raises(OSError, match="No space"): D.save_nifti(f, np.zeros((4, 4, 4), np.float32), np.eye(4))
+    assert f.read_bytes() == before and os.listdir(tmp_path) == ["a.nii.gz"]   # old file intact, no temporary left
+    monkeypatch.undo()
+    assert np.array_equal(D.load_nifti(f)[0], np.ones((4, 4, 4), np.float32))
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        f = D.save_nifti(tmp_path / "a.nii", np.ones((4, 4, 4), np.float32), np.eye(4))
+        s = D.make_split([f"s{i}" for i in range(4)], (2, 2), path=tmp_path / "split.json")
+    finally: os.umask(old)
+    assert (f.stat().st_mode & 0o777) == 0o640 and ((tmp_path / "split.json").stat().st_mode & 0o777) == 0o640
+    assert len(s["test"]) == 2
+
+
+def test_save_nifti_torch_long_half_and_bfloat16(tmp_path):
+    lab = torch.randint(0, 7, (5, 6, 7))                                      # torch long labels
+    v, _, h = D.load_nifti(D.save_nifti(tmp_path / "lab.nii.gz", lab, np.eye(4)), dtype=None)
+    assert v.dtype == np.int32 and np.array_equal(v, lab.numpy())
+    big = torch.tensor([0, 2 ** 40]).repeat(32).reshape(4, 4, 4)              # beyond int32: stays int64
+    assert D.load_nifti(D.save_nifti(tmp_path / "big.nii", big, np.eye(4)), dtype=None)[0].dtype == np.int64
+    x = torch.rand(1, 4, 5, 6)
+    for dt in (torch.float16, torch.bfloat16):
+        v, _, _ = D.load_nifti(D.save_nifti(tmp_path / f"{dt}.nii.gz", x.to(dt), np.eye(4)))
+        assert v.dtype == np.float32 and np.allclose(v, x[0].numpy(), atol=1e-2)
+    mask = D.load_nifti(D.save_nifti(tmp_path / "m.nii", np.ones((3, 3, 3), bool), np.eye(4)), dtype=None)[0]
+    assert mask.dtype == np.uint8
+
+
+def test_load_nifti_refuses_a_dtype_that_cannot_hold_the_data(tmp_path):
+    v = np.full((4, 4, 4), 1509.5, np.float32); v[0] = 3
+    f = D.save_nifti(tmp_path / "v.nii.gz", v, np.eye(4))
+    with pytest.raises(ValueError, match=r"1509.5.*uint8.*0 \.\. 255"): D.load_nifti(f, dtype=np.uint8)
+    with pytest.raises(ValueError, match="non-integer"): D.load_nifti(f, dtype=np.int16)
+    assert D.load_nifti(f, dtype=np.float64)[0].dtype == np.float64
+    with pytest.raises(ValueError, match="overflow"): D.load_nifti(D.save_nifti(tmp_path / "w.nii", v * 1e3, np.eye(4)), dtype=np.float16)
+    ok = D.save_nifti(tmp_path / "i.nii.gz", np.arange(64, dtype=np.int16).reshape(4, 4, 4) * 3, np.eye(4))
+    got = D.load_nifti(ok, dtype=np.uint8)[0]                                  # fits: converted exactly
+    assert got.dtype == np.uint8 and got.max() == 189
+
+
+def test_normalize_refuses_nan_and_checks_its_options():
+    v = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    good = D.normalize(v, "MRI")
+    assert np.isfinite(good).all()
+    v[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="1 of 512 voxels are NaN"): D.normalize(v, "MRI")
+    with pytest.raises(ValueError, match="NaN"): D.normalize(torch.from_numpy(v), "CT")
+    with pytest.raises(ValueError, match="mask"): D.normalize(good, "PET", mask=np.ones((4, 4, 4), bool))
+    with pytest.raises(ValueError, match="percentiles"): D.normalize(good, "MRI", percentiles=(99, 1))
+
+
+def test_resample_pair_checks_affines_and_shapes():
+    v = np.ones((8, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="other_affine: its 3x3 part is singular"):
+        D.resample_pair(v, np.eye(4), v, np.diag([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="ref_affine: expected a 4x4.*3x3 matrix holds only"):
+        D.resample_pair(v, np.eye(3), v, np.eye(4))
+    with pytest.raises(ValueError, match=r"other: expected one 3D volume \(D, H, W\), got shape \(8, 8\)"):
+        D.resample_pair(v, np.eye(4), v[0], np.eye(4))
+    lab = np.zeros((8, 8, 8), np.int64); lab[2:5] = 3                          # int64 labels resample with order 0
+    shifted = np.eye(4); shifted[0, 3] = 1.0
+    out = D.resample_to(lab, np.eye(4), (8, 8, 8), shifted, order=0)
+    assert out.dtype == np.int64 and np.array_equal(out[1:4], lab[2:5]) and set(np.unique(out)) == {0, 3}
+
+
+def test_split_file_refuses_other_sizes(trees, tmp_path):
+    f = tmp_path / "split.json"
+    te = D.BraTS2020(trees["brats2020"], split="test", sizes=(2, 2), split_file=f)
+    assert len(te) == 2
+    with pytest.raises(ValueError, match=r"sizes=\(2, 2\)") as e:
+        D.BraTS2020(trees["brats2020"], split="test", sizes=(0, 4), split_file=f)
+    assert str(f) in str(e.value) and "delete" in str(e.value) and "sizes=None" in str(e.value)
+    assert len(D.BraTS2020(trees["brats2020"], split="test", split_file=f)) == 2       # sizes=None: the file's
+    assert json.loads(f.read_text())["sizes_asked"] == [2, 2]
+
+
+def test_csv_reader_accepts_excel_files(trees, tmp_path):
+    root = Path(trees["csv"]).parent
+    f = root / "excel.csv"
+    f.write_bytes("\ufeffID, Reference , Other,TASK\r\n\r\ncase1, case1/t1.nii.gz, case1/ct.nii.gz, ct\r\n".encode("utf-8"))
+    ds = D.CSVPairs(f, size=16)
+    assert len(ds) == 1 and ds.items[0]["id"] == "case1" and ds[0]["task"] == "ct"
+    rows = D.read_csv_rows(f)
+    assert rows == [{"id": "case1", "reference": "case1/t1.nii.gz", "other": "case1/ct.nii.gz", "task": "ct", "_line": 3}]
+    f.write_text("reference, other\n")
+    with pytest.raises(ValueError, match="header row .* but no data lines"): D.CSVPairs(f, task="ct")
+    f.write_text("")
+    with pytest.raises(ValueError, match="empty"): D.CSVPairs(f, task="ct")
+    f.write_text("reference;other\na;b\n")
+    with pytest.raises(ValueError, match="';'"): D.CSVPairs(f, task="ct")
+    f.write_bytes("reference,other\nbr\xfcche.nii,b.nii\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="UTF-8"): D.CSVPairs(f, task="ct")
+    f.unlink()
+
+
+def test_meta_tensors_are_refused_clearly(tmp_path):
+    m = torch.zeros(4, 4, 4, device="meta")
+    with pytest.raises(TypeError, match="vol: a meta tensor has no values"): D.save_nifti(tmp_path / "m.nii", m, np.eye(4))
+    with pytest.raises(TypeError, match="meta tensor"): D.normalize(m, "MRI")
+    assert not list(tmp_path.iterdir())

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,112 @@ def test_cli_with_a_reader(tmp_path):
     assert all(r["align_dice"] in ("", "nan") for r in rows)                    # real data: no tissue labels
     assert all(math.isfinite(float(r["Q_ssim"])) for r in rows)
     with pytest.raises(SystemExit): E.main(["--dataset", "brats2020"])         # needs --root
+
+
+# ---------------------------------------------------------------- issue 10: the summary is the mean of the cases
+
+FAST = ["--tasks", "mri", "--size", "17", "--fusion", "average", "--quiet"]     # 17³: the smallest size scored
+
+
+def _csv(path):
+    with open(path) as f: return list(csv.DictReader(f))
+
+
+def test_summary_rows_are_mean_and_std_of_the_case_rows(tmp_path):
+    out = tmp_path / "ev"
+    assert E.main(FAST + ["--n", "4", "--out", str(out)]) == 0
+    cases, fus, ali = _csv(out / "cases.csv"), _csv(out / "fusion.csv"), _csv(out / "alignment.csv")
+    summary = {r["method"]: r for r in fus}
+    for r in ali: summary[r["method"]].update(r)
+    assert set(summary) == {"Inputs + Average", "TV + Rigid + Average"}
+    skewed = 0
+    for method, s in summary.items():
+        rows = [r for r in cases if r["method"] == method]
+        assert int(s["n"]) == len(rows) == 4
+        for col in E.FUSION_COLS + ("align_mse", "align_cc", "align_ssim", "align_dice", "time_s"):
+            v = np.array([float(r[col]) for r in rows])
+            assert math.isclose(float(s[col]), v.mean(), rel_tol=1e-9, abs_tol=1e-12), (method, col)
+            assert math.isclose(float(s[col + "_std"]), v.std(), rel_tol=1e-9, abs_tol=1e-12), (method, col)
+            skewed += abs(np.median(v) - v.mean()) > 1e-6 * (abs(v.mean()) + 1e-9)
+    assert skewed >= 10                                                        # medians would fail these checks
+    md = (out / "fusion.md").read_text()                                        # the Markdown table shows the same means
+    assert f"{float(summary['TV + Rigid + Average']['Q_ssim']):.4f}" in md
+    assert "1 of VIF's 4 scales" in md                                          # small volumes: said in the table
+
+
+def test_summarise_is_mean_not_median():
+    rows = [{"method": "m", "Q_ssim": v, "time_s": 1.0} for v in (0.1, 0.2, 0.9)]
+    s = E.summarise(rows)[0]
+    assert math.isclose(s["Q_ssim"], 0.4) and math.isclose(s["Q_ssim_std"], np.std([0.1, 0.2, 0.9]))
+
+
+# ---------------------------------------------------------------- issue 14: outputs whole or not at all
+
+def test_rerun_refuses_then_overwrite_replaces_whole(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert E.main(FAST + ["--n", "2", "--out", str(out)]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert sorted(first["meta"]["files"]) == sorted(os.listdir(out)) and "montage_mri_best.png" in first["meta"]["files"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e: E.main(FAST + ["--n", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--overwrite" in err[0] and str(out) in err[0]
+    assert json.loads((out / "summary.json").read_text()) == first              # untouched
+    assert E.main(FAST + ["--n", "1", "--out", str(out), "--overwrite"]) == 0
+    second = json.loads((out / "summary.json").read_text())
+    assert second["meta"]["cases"] == 1 and sorted(second["meta"]["files"]) == sorted(os.listdir(out))
+    assert not (out / "montage_mri_best.png").exists()                          # the earlier run's montage is gone
+    assert sorted(os.listdir(tmp_path)) == ["ev"]                                # no hidden folders left
+
+
+def test_overwrite_never_replaces_a_folder_of_other_files(tmp_path, capsys):
+    mine = tmp_path / "thesis"; mine.mkdir(); (mine / "chapter1.tex").write_text("precious")
+    with pytest.raises(SystemExit) as e: E.main(FAST + ["--n", "1", "--out", str(mine), "--overwrite"])
+    assert e.value.code == 2 and "other files" in capsys.readouterr().err
+    assert os.listdir(mine) == ["chapter1.tex"]
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_interrupt_leaves_nothing_or_the_old_evaluation(tmp_path, monkeypatch, rerun):
+    out = tmp_path / "new" / "ev"
+    if rerun: assert E.main(FAST + ["--n", "1", "--out", str(out)]) == 0
+    before = sorted(os.listdir(out)) if rerun else None
+    def interrupted(*a, **k): raise KeyboardInterrupt                          # Ctrl-C while the montages are drawn
+    monkeypatch.setattr(E, "write_montages", interrupted)
+    with pytest.raises(KeyboardInterrupt): E.main(FAST + ["--n", "1", "--out", str(out), "--overwrite"])
+    if rerun:
+        assert sorted(os.listdir(out)) == before and sorted(os.listdir(out.parent)) == ["ev"]
+    else: assert os.listdir(tmp_path) == []                                      # not even the parent folder
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try: assert E.main(FAST + ["--n", "1", "--out", str(tmp_path / "ev")]) == 0
+    finally: os.umask(old)
+    assert (tmp_path / "ev").stat().st_mode & 0o777 == 0o750
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "ev").iterdir()} == {0o640}
+
+
+def test_corrupt_checkpoint_is_found_before_any_case_is_built(tmp_path, monkeypatch, capsys):
+    ck = tmp_path / "model.pt"; ck.write_bytes(b"not a checkpoint")
+    def built(*a, **k): raise AssertionError("cases were built before the checkpoint was checked")
+    monkeypatch.setattr(E, "builtin_cases", built)
+    with pytest.raises(SystemExit) as e: E.main(["--checkpoint", str(ck), "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--checkpoint" in err[0] and "model.pt" in err[0]
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_colour_outputs_are_scored_on_luma():
+    from unifuse.colour import colourise, luma
+    case = next(E.builtin_cases(["pet"], n=1, size=24))
+    grey = (case["ref"] + case["deg_label"]) / 2                                  # (1, 1, D, H, W)
+    rgb = colourise(grey)                                                        # the same fusion, in colour
+    r_rgb, r_y = E.score_case(case, rgb), E.score_case(case, luma(rgb.double()))
+    assert r_rgb.pop("colour") is True and "colour" not in r_y
+    assert r_rgb == r_y
+    assert r_rgb["Q_ssim"] != E.score_case(case, grey)["Q_ssim"]                  # Y of the colour map is not the grey value
+    s = E.summarise([{"method": "c", **r_rgb, "colour": True}, {"method": "g", **r_y}])
+    md = E.markdown_table(s, ("Q_ssim",))
+    assert "| c ᶜ |" in md and "| g |" in md and "Y channel" in md
+    with pytest.raises(ValueError, match="grey .* or RGB"): E.score_case(case, torch.zeros(2, 24, 24, 24))

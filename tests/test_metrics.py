@@ -43,10 +43,12 @@ def test_scd_worked_cases(abf):
     a, b, f = abf
     A, B, Fn = (t.double().numpy() for t in abf)
     assert math.isclose(M.q_scd(a, b, f), np_corr(Fn - B, A) + np_corr(Fn - A, B), rel_tol=1e-12)
-    assert math.isclose(M.q_scd(a, b, a + b), 2.0, rel_tol=1e-12)           # F - B = A and F - A = B
+    with pytest.warns(UserWarning, match="fused has values well outside"):   # a + b reaches 2: scored, with a warning
+        assert math.isclose(M.q_scd(a, b, a + b), 2.0, rel_tol=1e-12)       # F - B = A and F - A = B
     assert math.isclose(M.q_scd(a, b, a), np_corr(A - B, A), rel_tol=1e-12)  # F - A constant: r = 0
     # signed, not absolute: F = b - a gives F - b = -a, a correlation of -1 (absolute values would give +1)
-    assert math.isclose(M.q_scd(a, b, b - a), -1 + np_corr(B - 2 * A, B), rel_tol=1e-9)
+    with pytest.warns(UserWarning, match="outside"):
+        assert math.isclose(M.q_scd(a, b, b - a), -1 + np_corr(B - 2 * A, B), rel_tol=1e-9)
 
 
 def test_ssim_matches_skimage_3d_and_slicewise(abf):
@@ -193,3 +195,61 @@ def test_flops_and_params():
     assert M.count_params(net) == 4 * 2 * 27 + 4 + 4 + 1
     by = M.flops_by_module(net, x)
     assert by["Global"] == M.count_flops(net, x)
+
+
+# ---------------------------------------------------------------- issue 14 and colour (issue 10)
+
+def test_rgb_volumes_are_scored_on_luma(abf):
+    from unifuse.colour import colourise, luma
+    a, b, f = abf
+    rgb = colourise(f[None, None].float())                                      # (1, 3, D, H, W) colour fused volume
+    y = luma(rgb.double())                                                       # its Y channel
+    for name, (fn, _) in M.METRICS.items():
+        if name in ("Q_vif", "Q_viff"): continue                                 # too small for them here
+        got, want = fn(a[None, None], b[None, None], rgb), fn(a[None, None], b[None, None], y)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), name
+    assert not torch.allclose(M.q_mse(a[None, None], b[None, None], rgb), M.q_mse(a[None, None], b[None, None], rgb[:, :1]))
+    with pytest.raises(ValueError, match=r"x\[None\]"): M.q_mse(a, b, rgb[0])     # (3, D, H, W): add the batch axis
+
+
+def test_out_of_range_warns_once_per_place(abf):
+    import warnings
+    a, b, f = abf
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("default")
+        for _ in range(3): M.q_psnr(a, b, f * 1.5)                               # one place in the code, three calls
+    msgs = [str(x.message) for x in w if "outside [0, 1]" in str(x.message)]
+    assert len(msgs) == 1 and msgs[0].startswith("fused ") and "Q_psnr" in msgs[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.q_psnr(a, b, f * 1.05)                                                 # slight excursions: no warning
+    g = f.clone(); g[1, 2, 3] = float("nan"); g[3, 2, 1] = float("inf")
+    with pytest.raises(ValueError, match="fused contains 1 NaN and 1 infinite"): M.q_mse(a, b, g)
+
+
+def test_folding_fraction_of_a_diverged_flow_is_nan():
+    z = torch.zeros(2, 3, 8, 8, 8)
+    z[1, 0, 3, 3, 3] = float("nan")
+    ff = M.folding_fraction(z)
+    assert ff[0] == 0.0 and math.isnan(ff[1])
+    assert math.isnan(M.folding_fraction(torch.full((3, 8, 8, 8), float("inf"))))
+    with pytest.raises(ValueError, match="NaN or infinite"): M.warp_labels(torch.zeros(8, 8, 8, dtype=torch.long), z[1])
+
+
+def test_warp_labels_memory_follows_the_labels_present(monkeypatch):
+    lab = torch.zeros(20, 20, 20, dtype=torch.long); lab[2:12, 2:12, 2:12] = 1; lab[10:18, 5:15, 5:15] = 2
+    flow = torch.zeros(3, 20, 20, 20); flow[1] = 0.6; flow[0] = -1.3
+    small = M.warp_labels(lab, flow)
+    seen = []
+    real = M.warp
+    monkeypatch.setattr(M, "warp", lambda x, u: seen.append(x.shape[1]) or real(x, u))
+    big = M.warp_labels(torch.where(lab == 2, 2035, lab), flow)                 # FreeSurfer-sized values
+    assert torch.equal(big, torch.where(small == 2, 2035, small))
+    assert seen == [3]                                                           # three labels present: 3 channels, not 2036
+    seen.clear()
+    many = (torch.arange(20 ** 3) % 20).reshape(20, 20, 20)                     # 20 labels, in chunks of 8
+    out = M.warp_labels(many, flow, chunk=8)
+    assert seen == [8, 8, 4] and torch.equal(M.warp_labels(many, flow, chunk=20), out)
+    # the result is the old one-hot argmax over every value up to the largest
+    oh = F.one_hot(many, 20).movedim(-1, 0)[None].float()
+    assert torch.equal(out, real(oh, flow[None]).argmax(1)[0])

@@ -66,7 +66,7 @@ def test_padding_helpers():
 
 def test_bad_inputs_are_refused(tiny):
     ref, deg = _volumes()
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="same batch size and grid"):
         tiny(ref, deg[..., :8])
     with pytest.raises(ValueError, match=r"\(B, 1, D, H, W\)"):
         tiny(ref[0, 0], deg[0, 0])
@@ -132,15 +132,24 @@ def test_gradient_reaches_every_parameter():
     assert not missing, sorted(missing)
 
 
-@pytest.mark.parametrize("over", [dict(dapl="A"), dict(dapl="B"), dict(dapl="C"), dict(oufr="mamba"),
-                                  dict(oufr="transformer"), dict(oufr="none"), dict(alsn="none"),
-                                  dict(alsn="experts"), dict(n_regblk=0), dict(n_regblk=5)])
-def test_ablation_settings_run(over):
+SWITCHES = [dict(dapl="A"), dict(dapl="B"), dict(dapl="C"), dict(oufr="mamba"), dict(oufr="transformer"),
+            dict(oufr="none"), dict(alsn="none"), dict(alsn="experts"), *[dict(n_regblk=j) for j in range(6)],
+            dict(n_classes=4), dict(colour=True), dict(loss_weights={"moda": 0.0})]
+
+
+@pytest.mark.parametrize("over", SWITCHES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_switch_trains_without_unused_parameters(over):
+    "Every setting of Tables 4–5: the loss is finite and every parameter gets a gradient (DDP refuses unused ones)."
     torch.manual_seed(0)
     model = UniFuse(UniFuseConfig.tiny(**over))
-    L = model.loss(_batch(B=2))
+    ref, other = _volumes(2, (16, 16, 16))
+    b = make_batch(ref, other, ["mri", "pet"], generator=0, clean=over.get("n_classes") == 4,
+                   colour="hot" if over.get("colour") else None)
+    L = model.loss(b)
     assert set(L) == LOSS_KEYS and torch.isfinite(L["total"])
     L["total"].backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused
     if over.get("dapl") in ("B", "C"):
         out = model(*_volumes())
         assert torch.allclose(out["probs"], torch.full_like(out["probs"], 1 / 3))
@@ -191,12 +200,36 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path):
 
 
 def test_colour_input_runs_with_crcb():
+    "A colour model fuses RGB PET (through a colour map) with a grey reference; L_crcb (Eq. 13) trains its chroma."
+    from unifuse.colour import rgb_to_ycbcr
     torch.manual_seed(0)
-    model = UniFuse(UniFuseConfig.tiny(in_channels=3))
-    ref, deg = _volumes(1, (16, 16, 16), c=3)
-    out = model(ref, deg)
-    assert out["fused"].shape == (1, 3, 16, 16, 16) and out["warped"].shape == deg.shape
-    b = dict(ref=ref, deg=deg, deg_label=deg, ref_moved=ref, deg_fine=deg,
-             flow=torch.zeros(1, 3, 16, 16, 16), label=torch.tensor([0]))
+    model = UniFuse(UniFuseConfig.tiny(colour=True))
+    ref, other = _volumes(3, (16, 16, 16))
+    b = make_batch(ref, other, ["mri", "ct", "pet"], generator=0, colour="hot")
+    assert b["deg"].shape == (3, 3, 16, 16, 16) and b["ref"].shape == (3, 1, 16, 16, 16)
+    chroma = rgb_to_ycbcr(b["deg_fine"])[:, 1:]
+    assert float((chroma[:2] - 0.5).abs().max()) < 1e-5 and float((chroma[2] - 0.5).abs().max()) > 0.1   # grey, grey, colour
+    out = model(b["ref"], b["deg"])
+    assert out["fused"].shape == (3, 3, 16, 16, 16) and out["warped"].shape == b["deg"].shape
     L = model.loss(b)
     assert float(L["crcb"].detach()) > 0 and torch.isfinite(L["total"])    # Eq. 13 is on for colour
+    L["total"].backward()
+    assert model.ufrf.chroma.weight.grad.abs().sum() > 0
+    grey = model(b["ref"], b["deg"][:, :1])                                  # a colour model still fuses grey input
+    assert grey["fused"].shape == (3, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="colour=True"):
+        UniFuse(UniFuseConfig.tiny())(b["ref"], b["deg"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_forward_runs_on_meta_tensors(preset):
+    "The public forward runs without memory on `meta` tensors (value checks skipped), so FLOPs can be counted at 256³."
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = UniFuseConfig.tiny() if preset == "tiny" else UniFuseConfig()
+    with torch.device("meta"):
+        model = UniFuse(cfg).eval()
+        x = torch.empty(1, 1, 32, 32, 32)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        out = model(x, x)
+    assert out["fused"].is_meta and out["fused"].shape == (1, 1, 32, 32, 32) and out["flow"].shape == (1, 3, 32, 32, 32)
+    assert fc.get_total_flops() > 0

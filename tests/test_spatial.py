@@ -29,7 +29,11 @@ def test_identity_grid_holds_voxel_indices():
     g = identity_grid((3, 4, 5))
     assert g.shape == (1, 3, 3, 4, 5)
     assert g[0, :, 2, 1, 4].tolist() == [2.0, 1.0, 4.0]
-    assert identity_grid((3, 4, 5)) is g
+    g.zero_()                                                                   # the caller's copy, not the cache
+    assert identity_grid((3, 4, 5))[0, :, 2, 1, 4].tolist() == [2.0, 1.0, 4.0]
+    x = torch.rand(1, 1, 3, 4, 5)
+    identity_grid((3, 4, 5)).add_(1.0)
+    assert torch.equal(warp(x, torch.zeros(1, 3, 3, 4, 5)), x)                 # later warps are untouched
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
@@ -171,3 +175,35 @@ def test_bad_input_messages():
         integrate(torch.zeros(1, 3, 4, 4, 4), steps=-2)
     with pytest.raises(ValueError, match="size"):
         identity_grid((4, 0, 4))
+
+
+def test_integer_volumes_are_warped_by_nearest_neighbour():
+    lab = torch.ones(1, 1, 6, 7, 8, dtype=torch.long); lab[..., 4:] = 3
+    half = torch.zeros(1, 3, 6, 7, 8); half[:, 2] = 0.5
+    assert warp(lab.float(), half).round(decimals=4).unique().tolist() == [1.0, 2.0, 3.0]   # trilinear invents a 2
+    out = warp(lab, half)                                                        # the default for integers: nearest
+    assert out.dtype == torch.long and out.unique().tolist() == [1, 3]
+    with pytest.raises(ValueError, match="mode='nearest'"): warp(lab, half, mode="bilinear")
+    big = torch.full((1, 1, 4, 4, 4), 2 ** 30 + 1, dtype=torch.int64)           # beyond float32's exact integers
+    assert torch.equal(warp(big, torch.full((1, 3, 4, 4, 4), 0.3)), big)
+    mask = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool); mask[..., 2:] = True
+    assert warp(mask, torch.zeros(1, 3, 4, 4, 4)).dtype == torch.bool
+    with pytest.raises(ValueError, match="padding_mode"): warp(lab.float(), half, padding_mode="edge")
+
+
+@pytest.mark.parametrize("padding_mode", ["border", "zeros"])
+def test_non_finite_flow_gives_nan_not_a_border_value(padding_mode):
+    x = torch.rand(2, 2, 6, 6, 6)
+    flow = torch.zeros(2, 3, 6, 6, 6); flow[1, 0, 2, 3, 4] = float("nan"); flow[1, 2, 0, 0, 0] = float("inf")
+    y = warp(x, flow, padding_mode=padding_mode)
+    bad = torch.isnan(y)
+    assert bad[1, :, 2, 3, 4].all() and bad[1, :, 0, 0, 0].all() and int(bad.sum()) == 4   # both channels, nowhere else
+    torch.testing.assert_close(y[0], x[0])
+    with pytest.raises(ValueError, match="NaN or infinite"): warp(torch.zeros(2, 1, 6, 6, 6, dtype=torch.long), flow)
+
+
+def test_warp_runs_on_meta_tensors_and_empty_batches():
+    x, flow = torch.empty(2, 1, 8, 8, 8, device="meta"), torch.empty(2, 3, 8, 8, 8, device="meta")
+    assert warp(x, flow).shape == (2, 1, 8, 8, 8) and warp(x, flow).device.type == "meta"
+    assert warp(x.long(), flow).shape == (2, 1, 8, 8, 8)                          # no value checks on meta
+    assert warp(torch.rand(0, 1, 4, 4, 4), torch.zeros(0, 3, 4, 4, 4)).shape == (0, 1, 4, 4, 4)

@@ -127,10 +127,21 @@ def test_fusion_losses_colour():
     assert float(fusion_losses(grey, rgb, rgb)["crcb"]) > 0.05
 
 
-def test_colour_ufrf_returns_rgb():
-    cfg = UniFuseConfig.tiny(in_channels=3)
-    fused = UFRF(cfg)(*_inputs(cfg))
+def test_colour_ufrf_returns_rgb_with_the_input_chroma_at_start():
+    cfg = UniFuseConfig.tiny(colour=True)
+    net = UFRF(cfg)
+    chroma = torch.rand(2, 2, 16, 16, 16) * 0.4 + 0.3
+    fused = net(*_inputs(cfg), chroma=chroma)
     assert fused.shape == (2, 3, 16, 16, 16) and fused.min() >= 0 and fused.max() <= 1
+    grey = net(*_inputs(cfg))
+    assert grey.shape == (2, 1, 16, 16, 16)                                  # no chroma given: Y only
+    from unifuse.colour import rgb_to_ycbcr
+    ycc = rgb_to_ycbcr(fused)
+    inside = (fused > 1e-4).all(1, keepdim=True) & (fused < 1 - 1e-4).all(1, keepdim=True)   # not clamped
+    assert torch.allclose(ycc[:, :1], grey, atol=1e-5)                       # Y is the grey fusion
+    assert torch.allclose(ycc[:, 1:][inside.expand(-1, 2, -1, -1, -1)], chroma[inside.expand(-1, 2, -1, -1, -1)], atol=1e-4)
+    with pytest.raises(ValueError, match="colour=True"):
+        UFRF(UniFuseConfig.tiny())(*_inputs(UniFuseConfig.tiny()), chroma=chroma)
 
 
 def test_ssim3d_small_volumes():

@@ -6,7 +6,7 @@ Docs: https://unifuse.github.io/unifuse/config.html.md"""
 
 # %% ../nbs/08_config.ipynb #3f378167
 from __future__ import annotations
-import dataclasses
+import dataclasses, math
 from dataclasses import dataclass, field, asdict
 
 # %% auto #0
@@ -24,10 +24,10 @@ def _default_weights(): return {k: 1.0 for k in LOSS_TERMS}
 class UniFuseConfig:
     "Every size, switch and loss weight of UniFuse. `UniFuseConfig()` is the paper preset."
     # sizes
-    in_channels:int=1          # channels of each input volume (1: grey; 3: colour, enables L_crcb)
+    colour:bool=False          # colour fusion (Eq. 13): `deg` may be RGB (B, 3, …); adds UFR&F's chroma head and L_crcb
     enc_channels:int=4         # C: shared-encoder width at full resolution
     patch:int=4                # Q: patch side; the heavy work runs on the (D/Q, H/Q, W/Q) grid
-    embed_dim:int=32           # M: token width
+    embed_dim:int=48           # M: token width
     d_state:int=16             # SSM state size of every Mamba block
     d_conv:int=4               # causal depthwise convolution width in the Mamba mixer
     expand:int=2               # Mamba inner width = expand * M
@@ -37,10 +37,12 @@ class UniFuseConfig:
     oufr_layers:int=3          # Spatial Mamba layers in OUFR (one per injected state h_j)
     oufr_expand:int=1          # Spatial Mamba inner width = oufr_expand * M (h_j is mapped to it)
     n_regblk:int=4             # J: RegBLKs in FA, 0…5 (Table 5)
-    fa_channels:int=32         # width inside FA's RegBLKs
+    fa_channels:int=44         # width inside FA's RegBLKs
     fa_heads:int=2             # attention heads of FA's windowed cross-attention (divides fa_channels)
     fa_window:int=4            # side of FA's attention windows, in tokens of each RegBLK's grid
-    ufrf_channels:tuple=(8, 16, 32)  # widths of UFR&F's U-Net levels, full resolution first
+    ufrf_channels:tuple=(8, 16, 32, 64, 96)  # widths of UFR&F's U-Net levels, full resolution first
+    ufrf_head_dim:int=48       # channels per attention head in BaseNet: heads = max(1, c // ufrf_head_dim)
+    ufrf_ffn_expand:float=2.0  # BaseNet's gated feed-forward width × c below full resolution (Restormer uses 2.66); the top level uses 1
     lora_rank:int=4            # rank of each LoRA branch in ALSN
     # ablation switches (Table 4)
     dapl:str="full"            # "full", "A", "B", "C"
@@ -56,8 +58,8 @@ class UniFuseConfig:
     def __post_init__(self):
         def need(ok, msg):
             if not ok: raise ValueError(f"UniFuseConfig: {msg}")
-        for k in ("in_channels", "enc_channels", "patch", "embed_dim", "d_state", "d_conv", "expand",
-                  "prompt_len", "dapl_hidden", "oufr_layers", "oufr_expand", "fa_channels", "fa_heads", "fa_window", "lora_rank", "moda_negatives"):
+        for k in ("enc_channels", "patch", "embed_dim", "d_state", "d_conv", "expand",
+                  "prompt_len", "dapl_hidden", "oufr_layers", "oufr_expand", "fa_channels", "fa_heads", "fa_window", "lora_rank", "moda_negatives", "ufrf_head_dim"):
             v = getattr(self, k)
             need(isinstance(v, int) and v > 0, f"{k} must be a positive int, got {v!r}")
         need(isinstance(self.n_classes, int) and self.n_classes >= 2, f"n_classes must be an int >= 2, got {self.n_classes!r}")
@@ -69,9 +71,22 @@ class UniFuseConfig:
         need(len(self.ufrf_channels) >= 2 and all(isinstance(c, int) and c > 0 for c in self.ufrf_channels),
              f"ufrf_channels must be two or more positive ints, got {self.ufrf_channels!r}")
         need(self.moda_tau > 0, f"moda_tau must be > 0, got {self.moda_tau!r}")
+        need(isinstance(self.colour, bool), f"colour must be True or False, got {self.colour!r}")
+        need(isinstance(self.ufrf_ffn_expand, (int, float)) and self.ufrf_ffn_expand > 0,
+             f"ufrf_ffn_expand must be a positive number, got {self.ufrf_ffn_expand!r}")
+        # combinations the network cannot build, named here rather than deep inside a layer
+        need(self.fa_channels % self.fa_heads == 0,
+             f"fa_channels={self.fa_channels} must be divisible by fa_heads={self.fa_heads} (FA's attention heads split its channels)")
+        for c in self.ufrf_channels:
+            h = max(1, c // self.ufrf_head_dim)
+            need(c % h == 0, f"ufrf_channels level of width {c} gets max(1, {c} // ufrf_head_dim={self.ufrf_head_dim}) = {h} "
+                             f"attention heads, which do not divide it; change that width or ufrf_head_dim")
         need(self.ssm_backend in (None, "torch", "cuda"), f"ssm_backend must be None, 'torch' or 'cuda', got {self.ssm_backend!r}")
+        need(isinstance(self.loss_weights, dict), f"loss_weights must be a dict {{term: weight}}, got {type(self.loss_weights).__name__}")
         unknown = set(self.loss_weights) - set(LOSS_TERMS)
         need(not unknown, f"unknown loss_weights {sorted(unknown)}; the terms of Eq. 15 are {LOSS_TERMS}")
+        bad = {k: v for k, v in self.loss_weights.items() if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
+        need(not bad, f"loss_weights must be finite numbers >= 0, got {bad}")
         self.loss_weights = {**_default_weights(), **{k: float(v) for k, v in self.loss_weights.items()}}
 
     @property
@@ -83,7 +98,7 @@ class UniFuseConfig:
     def tiny(cls, **kw):
         "A CPU preset: every part present, small widths; for notebooks, tests and 32³ volumes."
         d = dict(enc_channels=4, patch=4, embed_dim=16, d_state=8, prompt_len=4, fa_channels=16,
-                 ufrf_channels=(8, 16), lora_rank=2, moda_negatives=32)
+                 ufrf_channels=(8, 16), ufrf_head_dim=16, ufrf_ffn_expand=2.0, lora_rank=2, moda_negatives=32)
         return cls(**{**d, **kw})
 
     def replace(self, **kw):

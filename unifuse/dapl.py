@@ -151,7 +151,7 @@ class DAPL(nn.Module):
         self.cfg, self.mode = cfg, cfg.dapl
         c, m, n = cfg.enc_channels, cfg.embed_dim, cfg.n_classes
         self.d_inner, self.d_state = cfg.expand * m, cfg.d_state
-        self.encoder = SharedEncoder(cfg.in_channels, c)             # shared by I'_D and I_R
+        self.encoder = SharedEncoder(1, c)             # shared by I'_D and I_R
         self.prompts = nn.Parameter(torch.randn(n, cfg.prompt_len, m))   # P: (Ñ, L, M)
         if self.mode == "C": return                                  # no DAPL beyond the encoder
         hidden = cfg.dapl_hidden
@@ -165,7 +165,7 @@ class DAPL(nn.Module):
         if self.mode != "B": self.selector = PromptSelector(hidden, n, cfg.prompt_len, m, hidden)
 
     def _check(self, deg, ref):
-        q, c = self.cfg.patch, self.cfg.in_channels
+        q, c = self.cfg.patch, 1
         for name, x in (("deg", deg), ("ref", ref)):
             if not isinstance(x, Tensor): raise TypeError(f"DAPL: {name} must be a torch.Tensor, got {type(x).__name__}")
             if x.ndim != 5 or x.shape[1] != c or any(s % q for s in x.shape[2:]):

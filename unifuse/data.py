@@ -8,6 +8,7 @@ Docs: https://unifuse.github.io/unifuse/data.html.md"""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import warnings
@@ -19,11 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_path, write_json, write_text
+
 # %% auto #0
 __all__ = ['TASKS', 'LABELS', 'CT_WINDOW', 'PAPER_SPLITS', 'builtin_affine', 'gaussian_blur', 'builtin_subject', 'builtin_pair',
            'BuiltinPairs', 'check_volume', 'load_nifti', 'save_nifti', 'orientation', 'to_canonical', 'normalize',
            'fov_overlap', 'resample_to', 'resample_pair', 'resize_grid', 'load_pair', 'split_sizes', 'make_split',
-           'PairDataset', 'BraTS2020', 'SynthRAD2023', 'PETCT', 'CSVPairs', 'fake_tree']
+           'PairDataset', 'BraTS2020', 'SynthRAD2023', 'PETCT', 'read_csv_rows', 'CSVPairs', 'fake_tree']
 
 # %% ../nbs/00_data.ipynb #396f5009
 TASKS = {"mri": ("MRI-T1", "MRI-T2"),  # task -> (reference modality, other modality)
@@ -291,7 +294,12 @@ def gaussian_blur(x:torch.Tensor, # (C, D, H, W) or (B, C, D, H, W)
                   sigma, # blur width in voxels: a float or one per axis (D, H, W)
                  ) -> torch.Tensor:
     "Separable Gaussian blur with edge (replicate) padding; axes with sigma < 0.3 voxel are left alone."
-    sig = [float(sigma)] * 3 if np.isscalar(sigma) else [float(v) for v in sigma]
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5) or not x.is_floating_point():
+        raise ValueError(f"x: expected a float tensor (C, D, H, W) or (B, C, D, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+    try: sig = [float(sigma)] * 3 if np.isscalar(sigma) else [float(v) for v in sigma]
+    except (TypeError, ValueError): sig = []
+    if len(sig) != 3 or not all(math.isfinite(v) and v >= 0 for v in sig):
+        raise ValueError(f"sigma={sigma!r}: expected a non-negative width in voxels, or three (D, H, W)")
     squeeze = x.dim() == 4
     if squeeze: x = x[None]
     B, C = x.shape[:2]
@@ -326,6 +334,7 @@ def builtin_subject(seed:int=0, # the subject: one seed, one head (the same at e
     size = _check_size(size)
     for m in modalities:
         if m not in ("MRI-T1", "MRI-T2", "CT", "PET"): raise ValueError(f"modality {m!r}: expected MRI-T1, MRI-T2, CT or PET")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)): raise TypeError(f"seed={seed!r}: expected an int")
     s = _draw_subject(seed, lesion)
     aff = builtin_affine(size)
     sp = np.abs(np.diag(aff)[:3])
@@ -377,14 +386,43 @@ class BuiltinPairs(torch.utils.data.Dataset):
 
 # %% ../nbs/00_data.ipynb #00689277
 def _np(vol, name="vol"):
-    "A numpy view of a tensor or array."
-    if isinstance(vol, torch.Tensor): return vol.detach().cpu().numpy()
+    "A numpy view of a tensor or array (bfloat16 tensors as float32); meta tensors are refused."
+    if isinstance(vol, torch.Tensor):
+        if vol.device.type == "meta":
+            raise TypeError(f"{name}: a meta tensor has no values to read or write; pass a CPU or GPU tensor")
+        if vol.dtype == torch.bfloat16: vol = vol.float()                    # numpy has no bfloat16
+        return vol.detach().cpu().numpy()
     if isinstance(vol, np.ndarray): return vol
     raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(vol).__name__}")
 
 def _like(arr, ref):
     "Return arr as the type of ref (tensor or array)."
     return torch.from_numpy(np.ascontiguousarray(arr)) if isinstance(ref, torch.Tensor) else arr
+
+def _check_affine(affine, name:str="affine") -> np.ndarray:
+    "A voxel -> world matrix as float64 (4, 4), checked: the right shape, finite, an invertible 3x3 part."
+    a = _np(affine, name) if isinstance(affine, torch.Tensor) else affine
+    try: a = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a 4x4 voxel-to-world matrix (array or tensor), got {type(affine).__name__}") from None
+    if a.shape != (4, 4):
+        hint = (" (a 3x3 matrix holds only the rotation and voxel sizes: add the translation column and the row "
+                "[0, 0, 0, 1], or take the image's 4x4 affine)") if a.shape == (3, 3) else ""
+        raise ValueError(f"{name}: expected a 4x4 voxel-to-world matrix, got shape {a.shape}{hint}")
+    if not np.isfinite(a).all(): raise ValueError(f"{name}: expected a finite 4x4 voxel-to-world matrix, got NaN or infinite entries")
+    det = float(np.linalg.det(a[:3, :3]))
+    if abs(det) < 1e-12:
+        raise ValueError(f"{name}: its 3x3 part is singular (determinant {det:.3g}), so it maps no voxel grid to the "
+                         "world; expected non-zero voxel sizes along independent axes (check the header's qform/sform)")
+    return a
+
+def _volume3d(vol, name:str) -> np.ndarray:
+    "An in-memory volume as a 3D numpy array, with a clear error for any other shape."
+    arr = _np(vol, name)
+    if arr.ndim != 3:
+        hint = f"; for a (1, D, H, W) tensor pass {name}[0]" if arr.ndim == 4 and arr.shape[0] == 1 else ""
+        raise ValueError(f"{name}: expected one 3D volume (D, H, W), got shape {tuple(arr.shape)}{hint}")
+    return arr
 
 def check_volume(arr:np.ndarray, # the voxel array
                  name:str="volume", # how to call it in errors (e.g. the file name)
@@ -406,21 +444,55 @@ def check_volume(arr:np.ndarray, # the voxel array
                              "with np.nan_to_num or the background value) and save the volume again.")
     return arr
 
+def _cast(arr:np.ndarray, want:np.dtype, name:str) -> np.ndarray:
+    "`arr` as dtype `want`, refusing a dtype that cannot hold its values (out of range, fractions, NaN)."
+    if arr.dtype == want: return arr
+    hint = "; pass dtype=np.float32 (the default) or dtype=None (the stored type)"
+    if want.kind in "iub":
+        if arr.dtype.kind == "f":
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{name}: holds NaN or infinite voxels, which dtype={want} cannot hold{hint}")
+        if arr.size:
+            lo, hi = (0, 1) if want.kind == "b" else (np.iinfo(want).min, np.iinfo(want).max)
+            amin, amax = arr.min(), arr.max()
+            if amin < lo or amax > hi:
+                raise ValueError(f"{name}: values span {float(amin):g} .. {float(amax):g}, outside what dtype={want} "
+                                 f"holds ({lo} .. {hi}){hint}")
+        if arr.dtype.kind == "f":
+            frac = arr[arr != np.round(arr)]
+            if frac.size:
+                raise ValueError(f"{name}: holds non-integer values (e.g. {float(frac.flat[0]):g}), which dtype={want} "
+                                 f"would truncate{hint}")
+        return arr.astype(want)
+    with np.errstate(over="ignore"): out = arr.astype(want)                 # overflow is reported below
+    if want.kind == "f" and np.isfinite(arr).all() and not np.isfinite(out).all():
+        raise ValueError(f"{name}: values up to {float(np.abs(arr).max()):g} overflow dtype={want} "
+                         f"(largest {float(np.finfo(want).max):g}){hint}")
+    return out
+
 def load_nifti(path, # a .nii or .nii.gz file
                canonical:bool=False, # reorient to RAS (`to_canonical`) before returning
                tensor:bool=False, # return a torch tensor instead of a numpy array
-               dtype=np.float32, # voxel type of the returned array (None: as stored, scaled)
+               dtype=np.float32, # voxel type of the returned array; one that cannot hold the values is refused (None: as stored, scaled)
               ):
     "Read a NIfTI volume: returns `(vol (D, H, W), affine (4, 4), header)`; clear errors for bad files."
     path = Path(path)
+    if dtype is not None:
+        try: want = np.dtype(dtype)
+        except TypeError: raise TypeError(f"dtype={dtype!r}: expected a numpy number type such as np.float32 or np.int16, or None") from None
+        if want.kind not in "iubf":
+            raise TypeError(f"dtype={dtype!r}: expected a real number type such as np.float32 or np.int16, or None")
     if not path.exists(): raise FileNotFoundError(f"{path}: no such file. Check the path (and the dataset's folder layout).")
     if path.is_dir(): raise IsADirectoryError(f"{path}: is a folder; expected a .nii or .nii.gz file.")
     if path.stat().st_size == 0: raise ValueError(f"{path}: the file is empty (0 bytes); it was probably not downloaded or written completely. Replace it.")
     try:
         img = nib.load(str(path))
-        arr = np.asarray(img.dataobj) if dtype is None else np.asarray(img.get_fdata(dtype=np.float32) if np.dtype(dtype).kind == "f" else img.dataobj, dtype=dtype)
+        if dtype is not None and want.kind == "f":                           # scaled floats, read in one pass
+            arr = img.get_fdata(dtype=want if want in (np.float32, np.float64) else np.float32)
+        else: arr = np.asarray(img.dataobj)                                   # as stored (floats when the header scales)
     except Exception as e:
         raise ValueError(f"{path}: could not be read as NIfTI ({type(e).__name__}: {e}). Check that the file is a complete .nii/.nii.gz.") from e
+    if dtype is not None: arr = _cast(arr, want, f"{path} (dtype={want})")
     arr = check_volume(arr, str(path))
     affine = img.affine.copy()
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
@@ -428,42 +500,57 @@ def load_nifti(path, # a .nii or .nii.gz file
     if canonical: arr, affine = to_canonical(arr, affine)
     return (torch.from_numpy(np.ascontiguousarray(arr)) if tensor else arr), affine, img.header
 
-def save_nifti(path, # where to write (.nii or .nii.gz)
-               vol, # (D, H, W) or (1, D, H, W) tensor or array
+def _nifti_array(arr:np.ndarray) -> np.ndarray:
+    "`arr` in a type NIfTI files hold and common viewers read."
+    if arr.dtype == bool: return arr.astype(np.uint8)
+    if arr.dtype in (np.float16, np.float64): return arr.astype(np.float32)
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8:                   # int64 labels (torch long)
+        if arr.size == 0 or (arr.min() >= np.iinfo(np.int32).min and arr.max() <= np.iinfo(np.int32).max):
+            return arr.astype(np.int32)
+        if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"vol: values up to {int(arr.max())} do not fit any NIfTI integer type; rescale them first")
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"vol: expected real numbers (bool, int or float), got dtype {arr.dtype}")
+    return arr
+
+def save_nifti(path, # where to write (.nii or .nii.gz); written atomically: a whole new file or the old one
+               vol, # (D, H, W) or (1, D, H, W) tensor or array (bool, int, long, float16/32/64, bfloat16)
                affine, # (4, 4) voxel -> world; a torch tensor works too
                header=None, # a NIfTI header to keep (e.g. from `load_nifti`); None: a fresh one
               ) -> Path:
     "Write `vol` with its affine (and header fields) as NIfTI; returns the path."
-    arr = _np(vol)
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"path={str(path)!r}: expected a file name ending in .nii or .nii.gz")
+    if path.is_dir(): raise IsADirectoryError(f"path={str(path)!r}: is a folder; expected a .nii or .nii.gz file name")
+    arr = _np(vol, "vol")
     if arr.ndim == 4 and arr.shape[0] == 1: arr = arr[0]
     if arr.ndim != 3: raise ValueError(f"vol: expected (D, H, W) or (1, D, H, W), got shape {tuple(arr.shape)}")
-    affine = np.asarray(_np(affine) if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
-    if affine.shape != (4, 4): raise ValueError(f"affine: expected a 4x4 matrix, got shape {affine.shape}")
-    if arr.dtype == np.float64: arr = arr.astype(np.float32)
-    if arr.dtype == bool: arr = arr.astype(np.uint8)
+    affine = _check_affine(affine, "affine")
+    arr = _nifti_array(arr)
     hdr = None
     if header is not None:
         hdr = header.copy()
         hdr.set_data_dtype(arr.dtype)
-    img = nib.Nifti1Image(arr, affine, hdr)
+    img = nib.Nifti1Image(arr, affine, hdr, dtype=arr.dtype if arr.dtype == np.int64 else None)
     if hdr is not None:                                   # keep the header's qform/sform codes (nibabel resets them)
         img.set_qform(affine, int(header["qform_code"]) or 1); img.set_sform(affine, int(header["sform_code"]) or 1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+    with atomic_path(path) as tmp: nib.save(img, str(tmp))    # tmp ends in the same suffix: .nii.gz stays gzipped
     return path
 
 # %% ../nbs/00_data.ipynb #d796bdc9
 def orientation(affine) -> str:
     "Axis codes of an affine, e.g. 'RAS' or 'LPS' (the direction each voxel axis points to)."
-    return "".join(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+    return "".join(nib.aff2axcodes(_check_affine(affine, "affine")))
 
 def to_canonical(vol, # (D, H, W) or (C, D, H, W) tensor or array (the last three axes are spatial)
                  affine, # (4, 4) voxel -> world
                 ):
     "Reorder and flip voxel axes to RAS; returns `(vol, affine)` with every voxel at the same world position."
-    affine = np.asarray(affine, dtype=np.float64)
+    affine = _check_affine(affine, "affine")
     arr = _np(vol)
+    if arr.ndim < 3: raise ValueError(f"vol: expected (D, H, W) or (C, D, H, W), got shape {tuple(arr.shape)}")
     ornt = nib.orientations.io_orientation(affine)
     tr = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt("RAS"))
     if np.array_equal(tr, [[0, 1], [1, 1], [2, 1]]): return vol, affine
@@ -485,7 +572,7 @@ def _modality_kind(modality):
     if m.startswith("MR") or m in ("T1", "T2", "T1CE", "FLAIR", "T1W", "T2W"): return "mri"
     raise ValueError(f"modality={modality!r}: expected MRI (MRI-T1, MRI-T2, T1, T2 …), CT or PET")
 
-def normalize(vol, # tensor or array, any shape
+def normalize(vol, # tensor or array, any shape; every voxel finite
               modality:str, # "MRI-T1", "MRI-T2", "MRI", "CT", "PET" …
               window=None, # CT: (low, high) HU mapped to (0, 1); default `CT_WINDOW`
               percentiles=(0.5, 99.5), # MRI/PET: foreground percentiles mapped to 0 and 1
@@ -494,13 +581,27 @@ def normalize(vol, # tensor or array, any shape
     "Map a volume to [0, 1] by modality: robust percentiles (MRI, PET) or an HU window (CT)."
     arr = _np(vol).astype(np.float32, copy=False)
     kind = _modality_kind(modality)
+    if arr.size == 0: raise ValueError(f"vol: expected a volume with voxels, got shape {tuple(arr.shape)}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(f"vol: {int(bad.sum())} of {arr.size} voxels are NaN or infinite; normalize expects finite "
+                         "intensities (one NaN would make every percentile NaN). Replace them first, e.g. "
+                         "np.nan_to_num(vol, nan=background, posinf=..., neginf=...)")
     if kind == "ct":
-        lo, hi = window if window is not None else CT_WINDOW
+        try: lo, hi = (float(v) for v in (window if window is not None else CT_WINDOW))
+        except (TypeError, ValueError): raise ValueError(f"window={window!r}: expected (low, high) in HU, two numbers") from None
         if not hi > lo: raise ValueError(f"window={window!r}: expected (low, high) with high > low (HU)")
     else:
-        fg = _np(mask).astype(bool) if mask is not None else arr > arr.min()
+        try: p_lo, p_hi = (float(v) for v in percentiles)
+        except (TypeError, ValueError): raise ValueError(f"percentiles={percentiles!r}: expected (low, high), two numbers in [0, 100]") from None
+        if not 0 <= p_lo < p_hi <= 100:
+            raise ValueError(f"percentiles={percentiles!r}: expected (low, high) with 0 <= low < high <= 100")
+        if mask is not None:
+            fg = _np(mask, "mask").astype(bool)
+            if fg.shape != arr.shape: raise ValueError(f"mask: expected the shape of vol {tuple(arr.shape)}, got {tuple(fg.shape)}")
+        else: fg = arr > arr.min()
         vals = arr[fg] if fg.any() else arr.ravel()
-        lo, hi = np.percentile(vals, percentiles)
+        lo, hi = np.percentile(vals, (p_lo, p_hi))
         if kind == "pet": lo = min(lo, float(arr.min()))   # uptake 0 stays 0
         if hi <= lo:
             warnings.warn(f"normalize: the {modality} volume is constant over its foreground; returning zeros")
@@ -511,11 +612,12 @@ def normalize(vol, # tensor or array, any shape
 # %% ../nbs/00_data.ipynb #8b78f6e3
 def fov_overlap(shape_a, affine_a, shape_b, affine_b, n:int=12) -> float:
     "Fraction of grid a's field of view (sampled on n³ points) that lies inside grid b's."
+    affine_a, affine_b = _check_affine(affine_a, "affine_a"), _check_affine(affine_b, "affine_b")
     shape_a, shape_b = [np.asarray(s[-3:], float) for s in (shape_a, shape_b)]
     axes = [np.linspace(0, s - 1, n) for s in shape_a]
     pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    world = pts @ np.asarray(affine_a)[:3, :3].T + np.asarray(affine_a)[:3, 3]
-    inv = np.linalg.inv(np.asarray(affine_b, dtype=np.float64))
+    world = pts @ affine_a[:3, :3].T + affine_a[:3, 3]
+    inv = np.linalg.inv(affine_b)
     vb = world @ inv[:3, :3].T + inv[:3, 3]
     inside = np.all((vb >= -0.5) & (vb <= shape_b - 0.5), axis=1)
     return float(inside.mean())
@@ -526,6 +628,13 @@ def _extent(shape, affine):
     w = c @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
     return "x {:.0f}..{:.0f}, y {:.0f}..{:.0f}, z {:.0f}..{:.0f} mm".format(*np.ravel(list(zip(w.min(0), w.max(0)))))
 
+def _grid_shape(shape, name="shape") -> tuple:
+    "A target grid's (D, H, W): three positive ints."
+    try: out = tuple(int(s) for s in tuple(shape)[-3:])
+    except (TypeError, ValueError): raise TypeError(f"{name}={shape!r}: expected (D, H, W), three positive ints") from None
+    if len(out) != 3 or min(out) < 1: raise ValueError(f"{name}={shape!r}: expected (D, H, W), three positive ints")
+    return out
+
 def resample_to(vol, # (D, H, W) tensor or array on the grid `affine`
                 affine, # (4, 4) its voxel -> world
                 shape, # (D, H, W) of the target grid
@@ -535,32 +644,35 @@ def resample_to(vol, # (D, H, W) tensor or array on the grid `affine`
                ):
     "Resample `vol` onto another grid through world coordinates (nibabel.processing, scipy)."
     from nibabel.processing import resample_from_to
-    arr = check_volume(_np(vol), "vol")
-    shape = tuple(int(s) for s in shape[-3:])
-    aff, taff = np.asarray(affine, np.float64), np.asarray(target_affine, np.float64)
+    arr = check_volume(_volume3d(vol, "vol"), "vol")
+    shape = _grid_shape(shape)
+    aff, taff = _check_affine(affine, "affine"), _check_affine(target_affine, "target_affine")
+    if order not in (0, 1, 2, 3, 4, 5): raise ValueError(f"order={order!r}: expected a spline order 0 (nearest) … 5")
     if arr.shape == shape and np.allclose(aff, taff, atol=1e-5): return vol
     dtype = arr.dtype if order == 0 else np.float32
-    img = nib.Nifti1Image(arr.astype(np.float32) if order else arr, aff)
+    img = nib.Nifti1Image(arr.astype(np.float32) if order else _nifti_array(arr), aff)
     cval = float(arr.min()) if cval is None else float(cval)
     out = resample_from_to(img, (shape, taff), order=order, mode="constant", cval=cval)
     return _like(np.asarray(out.dataobj).astype(dtype, copy=False), vol)
 
 def resample_pair(ref, # reference volume (D, H, W): its grid is kept
                   ref_affine, # (4, 4) voxel -> world of `ref`
-                  other, # the other modality, on any grid
+                  other, # the other modality (D, H, W), on any grid
                   other_affine, # (4, 4) voxel -> world of `other`
                   order:int=1, # interpolation order for `other`
                   min_overlap:float=0.05, # refuse pairs whose fields of view share less than this fraction of ref's
                   names=("reference", "other"), # how to call the two in errors (e.g. their file names)
                  ):
     "Resample `other` onto the grid of `ref` in world coordinates; refuses pairs whose fields of view do not overlap."
-    ov = fov_overlap(_np(ref).shape, ref_affine, _np(other).shape, other_affine)
+    rshape, oshape = _volume3d(ref, "ref").shape, _volume3d(other, "other").shape
+    ref_affine, other_affine = _check_affine(ref_affine, "ref_affine"), _check_affine(other_affine, "other_affine")
+    ov = fov_overlap(rshape, ref_affine, oshape, other_affine)
     if ov < min_overlap:
-        raise ValueError(f"the fields of view of {names[0]} ({_extent(_np(ref).shape, ref_affine)}) and {names[1]} "
-                         f"({_extent(_np(other).shape, other_affine)}) overlap on {100 * ov:.1f}% of the reference "
+        raise ValueError(f"the fields of view of {names[0]} ({_extent(rshape, ref_affine)}) and {names[1]} "
+                         f"({_extent(oshape, other_affine)}) overlap on {100 * ov:.1f}% of the reference "
                          f"(< {100 * min_overlap:.0f}%). Check that both files belong to the same subject and that "
                          "their headers hold the scanner affine (qform/sform).")
-    return resample_to(other, other_affine, _np(ref).shape, ref_affine, order=order)
+    return resample_to(other, other_affine, rshape, ref_affine, order=order)
 
 def resize_grid(shape, # (D, H, W) of a grid
                 affine, # its (4, 4) voxel -> world
@@ -568,8 +680,8 @@ def resize_grid(shape, # (D, H, W) of a grid
                ) -> np.ndarray:
     "The affine of a grid with `size` voxels covering the same field of view as (shape, affine)."
     size = _check_size(size)
-    affine = np.asarray(affine, np.float64)
-    shape = np.asarray(shape[-3:], float)
+    affine = _check_affine(affine, "affine")
+    shape = np.asarray(_grid_shape(shape), float)
     scale = shape / np.asarray(size, float)
     aff = affine.copy()
     aff[:3, :3] = affine[:3, :3] * scale                  # each voxel axis (column) stretched
@@ -615,11 +727,21 @@ def load_pair(ref_path, # reference modality file (I_R)
 # %% ../nbs/00_data.ipynb #1ddf0603
 PAPER_SPLITS = {"brats2020": (369, 125), "synthrad2023": (298, 62), "petct": (2439, 500)}  # (train, test)
 
+def _check_sizes(sizes):
+    "(train, test) as a tuple of two ints >= 0 or None."
+    try: tr, te = sizes
+    except (TypeError, ValueError): raise ValueError(f"sizes={sizes!r}: expected (train, test), each an int or None") from None
+    for v in (tr, te):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
+            raise ValueError(f"sizes={sizes!r}: expected (train, test), each a non-negative int or None")
+    return (None if tr is None else int(tr), None if te is None else int(te))
+
 def split_sizes(n:int, # subjects found
                 sizes, # (train, test): ints, or None for "the rest"
                ) -> tuple:
     "(train, test) for n subjects: the sizes asked if they fit, else scaled down in proportion."
-    tr, te = sizes
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0: raise ValueError(f"n={n!r}: expected a number of subjects >= 0")
+    tr, te = _check_sizes(sizes)
     if tr is None and te is None: return n, 0
     if tr is None: te = min(te, n - 1 if n > 1 else n); return n - te, te
     if te is None: tr = min(tr, n); return tr, n - tr
@@ -629,9 +751,9 @@ def split_sizes(n:int, # subjects found
     return n - te, te
 
 def make_split(ids, # all subject ids found
-               sizes=(None, None), # (train, test), see `split_sizes`
-               seed:int=0, # the split's random seed
-               path=None, # JSON file: read if it exists, else written
+               sizes=None, # (train, test), see `split_sizes`; None: the file's, or (None, None) for a new split
+               seed:int|None=None, # the split's random seed; None: the file's, or 0 for a new split
+               path=None, # JSON file: read if it exists (it must hold the split asked for), else written
                groups=None, # optional group of each id (kept on one side)
                dataset:str="", # name stored in the file
               ) -> dict:
@@ -639,12 +761,24 @@ def make_split(ids, # all subject ids found
     ids_in = [str(i) for i in ids]
     if groups is not None and len(groups) != len(ids_in):
         raise ValueError(f"groups: expected one group per id ({len(ids_in)}), got {len(groups)}")
+    if sizes is not None: sizes = _check_sizes(sizes)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed={seed!r}: expected an int (or None)")
     group_of = dict(zip(ids_in, [str(g) for g in groups])) if groups is not None else {i: i for i in ids_in}
     ids = sorted(set(ids_in))
     if path is not None and Path(path).exists():
-        try: sp = json.loads(Path(path).read_text())
+        try: sp = json.loads(Path(path).read_text(encoding="utf-8"))
         except Exception as e:
             raise ValueError(f"{path}: not a readable split file ({e}). Delete it to draw a new split.") from e
+        old_sizes = tuple(sp["sizes_asked"]) if isinstance(sp.get("sizes_asked"), list) else None
+        old_seed = sp.get("seed")
+        if (sizes is not None and old_sizes is not None and sizes != old_sizes) or \
+           (seed is not None and old_seed is not None and int(seed) != old_seed):
+            raise ValueError(f"{path}: holds a split drawn with sizes={old_sizes}, seed={old_seed}, but this call asks for "
+                             f"sizes={sizes if sizes is not None else old_sizes}, seed={seed if seed is not None else old_seed}. "
+                             f"To use the existing split, pass sizes=None and seed=None (or the values above); to draw "
+                             f"the new one, delete {path} or pass split_file= another file (keep the split a model "
+                             "was trained on, or its test subjects may have been seen in training).")
         missing = sorted(set(sp.get("train", []) + sp.get("test", [])) - set(ids))
         if missing:
             raise ValueError(f"{path}: {len(missing)} subjects of this split are not in the folder any more "
@@ -652,6 +786,8 @@ def make_split(ids, # all subject ids found
         new = sorted(set(ids) - set(sp.get("train", []) + sp.get("test", []) + sp.get("unused", [])))
         if new: warnings.warn(f"{path}: {len(new)} subjects found that the split file does not list; they are left out.")
         return sp
+    sizes = (None, None) if sizes is None else sizes
+    seed = 0 if seed is None else int(seed)
     n_train, n_test = split_sizes(len(ids), sizes)
     rng = np.random.default_rng(seed)
     gnames = sorted(set(group_of[i] for i in ids))
@@ -663,11 +799,9 @@ def make_split(ids, # all subject ids found
         if len(test) < n_test: test += members[g]
         elif len(train) < n_train: train += members[g]
         else: unused += members[g]
-    sp = dict(dataset=dataset, seed=int(seed), sizes_asked=list(sizes), n_found=len(ids),
+    sp = dict(dataset=dataset, seed=seed, sizes_asked=list(sizes), n_found=len(ids),
               train=sorted(train), test=sorted(test), unused=sorted(unused))
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(sp, indent=1))
+    if path is not None: write_json(path, sp, indent=1)                      # atomic: a whole file or none
     return sp
 
 # %% ../nbs/00_data.ipynb #3a4ad062
@@ -682,15 +816,16 @@ class PairDataset(torch.utils.data.Dataset):
                  root, # the dataset folder
                  split:str="train", # "train", "test" or "all"
                  size=None, # None: native grid; int or (D, H, W): resample (needed to batch subjects)
-                 seed:int=0, # seed of the split
+                 seed:int|None=None, # seed of the split; None: the split file's (0 for a new split)
                  split_file=None, # JSON split file (default: see above)
-                 sizes=None, # (train, test) instead of the paper's; None for a part means "the rest"
+                 sizes=None, # (train, test) instead of the paper's; None for a part means "the rest"; None: the split file's
                  normalized:bool=True, # normalise intensities to [0, 1]
                  ct_window=None, # HU window for CT (default `CT_WINDOW`)
                 ):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"root={str(root)!r}: no such folder. Expected the {self.dataset} folder ({self.layout}).")
+            what = "is a file" if self.root.exists() else "no such folder"
+            raise FileNotFoundError(f"root={str(root)!r}: {what}. Expected the {self.dataset} folder ({self.layout}).")
         if split not in ("train", "test", "all"): raise ValueError(f"split={split!r}: expected 'train', 'test' or 'all'")
         self.size = None if size is None else _check_size(size)
         self.normalized, self.ct_window = normalized, ct_window
@@ -704,8 +839,9 @@ class PairDataset(torch.utils.data.Dataset):
         self.split_file = None
         if split == "all": keep = sorted(self.found)
         else:
-            self.split_file = Path(split_file) if split_file is not None else self._default_split_file(seed)
-            self.splits = make_split(ids, sizes if sizes is not None else self.paper_sizes, seed, self.split_file,
+            self.split_file = Path(split_file) if split_file is not None else self._default_split_file(0 if seed is None else seed)
+            if sizes is None and not self.split_file.exists(): sizes = self.paper_sizes   # a new split: the paper's sizes
+            self.splits = make_split(ids, sizes, seed, self.split_file,
                                      groups=[it.get("group", it["id"]) for it in found], dataset=self.dataset)
             keep = self.splits[split]
         self.items = [self.found[i] for i in keep]
@@ -787,6 +923,34 @@ class PETCT(PairDataset):
             out.append(dict(id=sid, ref=ct, other=pet[0], group=patient))
         return out
 
+def read_csv_rows(path, # a CSV file with a header row (UTF-8; a byte-order mark, as Excel writes, is fine)
+                  name:str="csv_path", # how to call the file's argument in errors
+                 ) -> list:
+    "The data lines of a CSV file as dicts: column names stripped and lower-cased, values stripped, `_line` = line number."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{name}={str(path)!r}: no such file.")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f: lines = list(csv.reader(f, skipinitialspace=True))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the CSV as UTF-8 "
+                         "(Excel: 'CSV UTF-8 (comma delimited)')") from None
+    numbered = [(k, row) for k, row in enumerate(lines, start=1) if any(c.strip() for c in row)]
+    if not numbered: raise ValueError(f"{path}: the file is empty; expected a header row and one line per pair below it.")
+    (_, header), body = numbered[0], numbered[1:]
+    cols = [c.strip().lower() for c in header]
+    if len(cols) == 1 and ";" in cols[0]:
+        raise ValueError(f"{path}: the header row {header[0]!r} is separated by ';'; expected commas "
+                         "(save the file as 'CSV UTF-8 (comma delimited)')")
+    if not body:
+        raise ValueError(f"{path}: has a header row ({', '.join(cols)}) but no data lines; add one line per pair below it.")
+    rows = []
+    for k, row in body:
+        if len(row) > len(cols):
+            raise ValueError(f"{path}, line {k}: {len(row)} fields but the header row has {len(cols)} columns "
+                             "(a comma inside a path? put the path in double quotes)")
+        rows.append({**{c: (row[i].strip() if i < len(row) else "") for i, c in enumerate(cols)}, "_line": k})
+    return rows
+
 class CSVPairs(PairDataset):
     "Pairs listed in a CSV file: columns `reference`, `other` (paths, relative to the CSV's folder), optional `id`, `task`, `mask`."
     dataset, paper_sizes = "csv", (None, None)
@@ -797,22 +961,23 @@ class CSVPairs(PairDataset):
         self.task = None if task is None else _check_task(task)
         kw.setdefault("split_file", None)
         if split != "all" and kw.get("split_file") is None:
-            kw["split_file"] = self.csv_path.with_name(self.csv_path.stem + f"_split_seed{kw.get('seed', 0)}.json")
+            kw["split_file"] = self.csv_path.with_name(self.csv_path.stem + f"_split_seed{kw.get('seed') or 0}.json")
         super().__init__(self.csv_path.parent, *args, split=split, **kw)
     def _find(self):
-        with open(self.csv_path, newline="") as f: rows = list(csv.DictReader(f))
-        cols = set(rows[0]) if rows else set()
+        rows = read_csv_rows(self.csv_path)
+        cols = set(rows[0]) - {"_line"}
         ref_col = "reference" if "reference" in cols else "ref"
         if ref_col not in cols or "other" not in cols:
             raise ValueError(f"{self.csv_path}: expected columns 'reference' and 'other' in the header row, got {sorted(cols)}")
         out = []
-        for k, r in enumerate(rows, start=2):
-            task = (r.get("task") or self.task)
+        for r in rows:
+            k = r["_line"]
+            task = r.get("task") or self.task
             if task is None: raise ValueError(f"{self.csv_path}, line {k}: no task; add a 'task' column or pass task=")
-            _check_task(task)
+            if task not in TASKS: raise ValueError(f"{self.csv_path}, line {k}: task={task!r}: expected one of {tuple(TASKS)}")
             paths = []
             for col in (ref_col, "other", "mask"):
-                v = (r.get(col) or "").strip()
+                v = r.get(col) or ""
                 if not v: paths.append(None); continue
                 pth = Path(v) if Path(v).is_absolute() else self.csv_path.parent / v
                 if not pth.exists(): raise FileNotFoundError(f"{self.csv_path}, line {k}: {col} file {pth} does not exist.")
@@ -845,6 +1010,8 @@ def fake_tree(root, # folder to write into
               seed:int=0, # first subject's seed
              ) -> Path:
     "Write `n` built-in subjects in a dataset's published layout (for tests and demos); returns the root (or the CSV)."
+    if layout not in ("brats2020", "synthrad2023", "petct", "csv"):
+        raise ValueError(f"layout={layout!r}: expected 'brats2020', 'synthrad2023', 'petct' or 'csv'")
     root = Path(root)
     rows = []
     for k in range(n):
@@ -873,7 +1040,7 @@ def fake_tree(root, # folder to write into
             rows.append(dict(id=f"case{k}", reference=f"case{k}/t1.nii.gz", other=f"case{k}/ct.nii.gz", task="ct"))
         else: raise ValueError(f"layout={layout!r}: expected 'brats2020', 'synthrad2023', 'petct' or 'csv'")
     if layout == "csv":
-        with open(root / "pairs.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["id", "reference", "other", "task"]); w.writeheader(); w.writerows(rows)
-        return root / "pairs.csv"
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["id", "reference", "other", "task"]); w.writeheader(); w.writerows(rows)
+        return write_text(root / "pairs.csv", buf.getvalue())
     return root

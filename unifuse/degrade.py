@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .spatial import _const, affine_flow, compose, identity_grid, integrate, resize_flow, rotation_matrix, warp
+from .colour import colourise, as_colour
 
 __all__ = ["CLASSES", "TASKS", "Ranges", "DEFAULT_RANGES", "motion", "radon", "fbp", "metal", "lowdose",
            "degrade", "random_svf", "misalignment", "make_batch"]
@@ -430,7 +431,11 @@ def _check_batch(ref, other, task, check):
                          "resample the pair onto the reference grid first (unifuse.data)")
     if ref.device != other.device:
         raise ValueError(f"`ref` is on {ref.device} and `other` on {other.device}: move both to one device")
+    if ref.device.type == "meta":
+        raise ValueError("make_batch draws random degradations and needs real tensors, not `meta` ones; "
+                         "count FLOPs of the model with meta inputs instead")
     B = ref.shape[0]
+    if B == 0: raise ValueError(f"`ref` and `other` are an empty batch {tuple(ref.shape)}: pass at least one pair")
     tasks = [task] * B if isinstance(task, str) else list(task) if isinstance(task, (list, tuple)) else None
     if tasks is None or len(tasks) != B:
         raise ValueError(f"`task` must be one of {tuple(TASKS)} or a list of {B} of them (one per sample), got {task!r}")
@@ -457,8 +462,15 @@ def make_batch(
     ranges:Ranges=DEFAULT_RANGES, # every range of degradation and misalignment
     strength:float|Tensor|None=None, # fix the strength (float or (B,)); None: s ~ U(ranges.strength)
     check:bool=True, # check values (finite, in [0, 1]): one host sync; turn off in a tuned training loop
+    colour:str|None=None, # a colour map name (e.g. "hot"): PET samples become RGB; other samples grey as RGB (Eq. 13)
 )->dict: # ref, deg, deg_label, ref_moved, deg_fine, flow, label, task
     "Turn clean aligned pairs into UniFuse's training tuple, on the inputs' device."
+    if isinstance(generator, int) and not isinstance(generator, bool):   # a seed: a generator on the batch's device
+        generator = torch.Generator(ref.device if isinstance(ref, Tensor) and ref.device.type != "meta" else "cpu").manual_seed(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator (or an int seed), got {type(generator).__name__}")
+    if colour is not None and not isinstance(colour, str):
+        raise TypeError(f"`colour` must be a colour map name such as 'hot' (or None for grey), got {colour!r}")
     ranges = DEFAULT_RANGES if ranges is None else ranges
     if not isinstance(ranges, Ranges):
         raise TypeError(f"`ranges` must be a unifuse.degrade.Ranges (e.g. DEFAULT_RANGES.replace(...)), got {type(ranges).__name__}")
@@ -481,6 +493,11 @@ def make_batch(
         deg = torch.where(is_clean.view(B, 1, 1, 1, 1), other, deg)
         label = torch.where(is_clean, torch.full_like(label, CLASSES.index("clean")), label)
     phi, phi_inv = misalignment(B, size, generator, ranges, dev)  # (B, 3, D, H, W) each
-    moved = warp(torch.cat([deg, other, ref], 1), phi_inv.to(ref.dtype))  # (B, 3, D, H, W): one resampling
-    return dict(ref=ref, deg=moved[:, 0:1], deg_label=other, ref_moved=moved[:, 2:3], deg_fine=moved[:, 1:2],
+    c = 1
+    if colour is not None:                                     # PET through the colour map, the rest grey as RGB
+        pet = torch.tensor([t == "pet" for t in tasks], device=dev).view(B, 1, 1, 1, 1)
+        col = lambda x: torch.where(pet, colourise(x, colour), as_colour(x))   # (B, 3, D, H, W)
+        deg, other, c = col(deg), col(other), 3
+    moved = warp(torch.cat([deg, other, ref], 1), phi_inv.to(ref.dtype))  # (B, 2c + 1, D, H, W): one resampling
+    return dict(ref=ref, deg=moved[:, :c], deg_label=other, ref_moved=moved[:, 2 * c:], deg_fine=moved[:, c:2 * c],
                 flow=phi.to(ref.dtype), label=label, task=tasks)

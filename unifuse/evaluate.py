@@ -6,21 +6,23 @@ Docs: https://unifuse.github.io/unifuse/evaluate.html.md"""
 
 # %% ../nbs/65_evaluate.ipynb #fe890f85
 from __future__ import annotations
-import argparse, csv, json, math, sys, time
+import argparse, csv, io, json, math, os, shutil, sys, tempfile, time, uuid, warnings
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from .colour import luma
+from .files import atomic_path, write_json, write_text
 from .metrics import (fusion_metrics, alignment_metrics, dice, folding_fraction, warp_labels,
                              invert_flow, count_flops, count_params)
 from .spatial import warp
 
 # %% auto #0
-__all__ = ['TV_WEIGHT', 'FUSION_RULES', 'FUSION_COLS', 'ALIGN_COLS', 'READERS', 'restore_tv', 'restore', 'register',
+__all__ = ['TV_WEIGHT', 'FUSION_RULES', 'FUSION_COLS', 'ALIGN_COLS', 'MIN_SIZE', 'READERS', 'restore_tv', 'restore', 'register',
            'laplacian_pyramid', 'collapse_pyramid', 'fuse', 'staged_baseline', 'make_case', 'builtin_cases',
            'score_case', 'baseline_methods', 'unifuse_method', 'evaluate', 'summarise', 'markdown_table', 'write_csv',
-           'montage', 'write_montages', 'reader_cases', 'main']
+           'montage', 'write_montages', 'vif_scales', 'reader_cases', 'write_evaluation', 'main']
 
 # %% ../nbs/65_evaluate.ipynb #bcd2c16f
 from .degrade import TASKS as DEGRADATION  # task -> degradation of its degraded input
@@ -30,6 +32,7 @@ def _np3(x, name="x") -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     while x.ndim > 3 and x.shape[0] == 1: x = x[0]
     if x.ndim != 3: raise ValueError(f"{name} must be one volume (D, H, W) or (1, 1, D, H, W); got shape {x.shape}")
+    if not np.isfinite(x).all(): raise ValueError(f"{name} holds {int((~np.isfinite(x)).sum())} NaN or infinite voxels; expected finite values in [0, 1]")
     return x
 
 TV_WEIGHT = {"motion": 0.01, "metal": 0.01, "lowdose": 0.02, "clean": 0.0}  # per degradation
@@ -143,6 +146,7 @@ def fuse(a, b, # the two aligned volumes, (D, H, W) or (B, 1, D, H, W), in [0, 1
     single = (a.ndim == 3) if hasattr(a, "ndim") else False
     A, B = _as5(a), _as5(b)
     if A.shape != B.shape: raise ValueError(f"a {tuple(A.shape)} and b {tuple(B.shape)} must have the same shape")
+    if levels is not None and (not isinstance(levels, int) or levels < 1): raise ValueError(f"levels={levels!r}: expected a positive int (or None)")
     if rule == "average": out = (A + B) / 2
     elif rule == "maximum": out = torch.maximum(A, B)
     elif rule == "pyramid":
@@ -181,6 +185,8 @@ def make_case(pair:dict, # a clean aligned pair: `ref`, `other` (1, D, H, W), `l
               device="cpu") -> dict:
     "One evaluation case from a clean aligned pair: inputs, clean targets, true flow, labels."
     from unifuse.degrade import make_batch
+    missing = [k for k in ("ref", "other", "task") if k not in pair]
+    if missing: raise ValueError(f"pair: expected a dict with 'ref', 'other' and 'task' (as builtin_pair gives); missing {missing}")
     g = torch.Generator(device=device).manual_seed(int(seed))
     ref = pair["ref"][None].float().to(device); other = pair["other"][None].float().to(device)   # (1, 1, D, H, W)
     b = make_batch(ref, other, pair["task"], generator=g)
@@ -202,19 +208,29 @@ def builtin_cases(tasks=("mri", "ct", "pet"), # tasks, each gets `n` cases
             yield make_case(builtin_pair(task, seed=s, size=size), seed=s, device=device)
 
 # %% ../nbs/65_evaluate.ipynb #ef619f11
+def _grey(x, shape, name="fused") -> tuple[torch.Tensor, bool]:
+    "One grey or RGB volume of `shape` as a float64 CPU `(D, H, W)` (RGB as its Y channel), and whether it was RGB."
+    x = torch.as_tensor(x).detach().double().cpu()
+    n = x.numel() // max(1, math.prod(shape))
+    if n * math.prod(shape) != x.numel() or n not in (1, 3):
+        raise ValueError(f"{name}: expected one grey (1 channel) or RGB (3 channels) volume of spatial size {tuple(shape)}, "
+                         f"got shape {tuple(x.shape)}")
+    return (luma(x.reshape(1, 3, *shape)) if n == 3 else x).reshape(shape), n == 3
+
 def score_case(case:dict, fused, flow=None) -> dict:
-    "Fusion metrics of `fused` and alignment metrics of `flow` (identity if None) for one case: a dict of floats."
+    "Fusion metrics of `fused` (RGB: on Y) and alignment metrics of `flow` (identity if None) for one case: a dict of floats."
     shape = case["ref"].shape[2:]
-    fused = torch.as_tensor(fused).detach().double().reshape(shape).cpu()       # (D, H, W)
-    ref, lab = case["ref"][0, 0].cpu(), case["deg_label"][0, 0].cpu()
+    fused, colour = _grey(fused, shape)                                          # (D, H, W)
+    ref, lab = luma(case["ref"])[0, 0].cpu(), luma(case["deg_label"])[0, 0].cpu()
     row = fusion_metrics(ref, lab, fused.clamp(-1, 2))
+    if colour: row["colour"] = True                                              # scored on Y
     dev = case["flow"].device
     flow = torch.zeros(3, *shape) if flow is None else torch.as_tensor(flow).detach().reshape(3, *shape)
     flow = flow.float().to(dev)                                                  # (3, D, H, W)
     cache = case.setdefault("_align_cache", {})                                  # methods sharing a flow share its scores
     key = hash((flow.cpu().numpy().tobytes()))
     if key not in cache:
-        aligned = warp(case["deg_fine"], flow[None])[0, 0]                       # (D, H, W)
+        aligned = warp(luma(case["deg_fine"]), flow[None])[0, 0]                 # (D, H, W)
         al = {f"align_{k}": v for k, v in alignment_metrics(aligned.cpu(), lab).items()}
         if case["labels"] is None: al["align_dice"] = float("nan")              # readers' data: no tissue labels
         else:
@@ -232,7 +248,7 @@ def baseline_methods(rules=FUSION_RULES, deformable:bool=False) -> dict:
     cache = {}
     def run(case):
         if cache.get("id") != id(case):
-            cache.update(id=id(case), out=staged_baseline(case["ref"], case["deg"], case["task"], rules, deformable))
+            cache.update(id=id(case), out=staged_baseline(luma(case["ref"]), luma(case["deg"]), case["task"], rules, deformable))
         return cache["out"]
     def staged(rule):
         def m(case):
@@ -240,7 +256,7 @@ def baseline_methods(rules=FUSION_RULES, deformable:bool=False) -> dict:
             return out["fused"][rule], out["flow"][None], out["time"]["restore"] + out["time"]["register"] + out["time"][rule]
         return m
     def floor(case):
-        t0 = time.perf_counter(); f = fuse(case["ref"].cpu(), case["deg"].cpu(), "average")
+        t0 = time.perf_counter(); f = fuse(luma(case["ref"]).cpu(), luma(case["deg"]).cpu(), "average")
         return f, None, time.perf_counter() - t0
     names = {"average": "Average", "maximum": "Maximum", "pyramid": "Pyramid"}
     reg = "B-spline" if deformable else "Rigid"
@@ -281,7 +297,7 @@ def evaluate(cases, # iterable of `make_case` dicts
             row = {"case": case["id"], "task": case["task"], "method": name, **score_case(case, fused, flow),
                    "time_s": seconds}
             rows.append(row)
-            ex["fused"][name] = torch.as_tensor(fused).reshape(case["ref"].shape).float().cpu()
+            ex["fused"][name] = torch.as_tensor(fused).detach().reshape(1, -1, *case["ref"].shape[2:]).float().cpu()
         examples[case["id"]] = ex
     return {"cases": rows, "summary": summarise(rows, flops, params), "examples": examples}
 
@@ -298,6 +314,7 @@ def summarise(rows:list, flops:dict|None=None, params:dict|None=None) -> list:
             elif len(v): s[c], s[c + "_std"] = float("nan"), float("nan")
         s["flops_G"] = flops[name] / 1e9 if name in flops else float("nan")
         s["params_M"] = params[name] / 1e6 if name in params else float("nan")
+        if any(r.get("colour") for r in rs): s["colour"] = True                 # its fusion scores are on Y
         out.append(s)
     return out
 
@@ -330,22 +347,25 @@ def markdown_table(summary:list, cols, title:str="") -> str:
             if c == "time_s" and txt != "—": txt = f"{v:.2f}"
             if c in best and not math.isnan(v) and v == best[c]: txt = f"**{txt}**"
             cells.append(txt)
-        lines.append(f"| {s['method']} | {s['n']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {s['method']}{' ᶜ' if s.get('colour') else ''} | {s['n']} | " + " | ".join(cells) + " |")
+    if any(s.get("colour") for s in summary):
+        lines += ["", "ᶜ colour output: its fusion metrics are computed on the Y channel (BT.601 luma), as usual in the fusion literature."]
     return "\n".join(lines)
 
 def write_csv(rows:list, path) -> Path:
-    "Rows (dicts) to a CSV file, columns in first-seen order."
-    path = Path(path); cols = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols); w.writeheader()
-        for r in rows: w.writerow({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in r.items()})
-    return path
+    "Rows (dicts) to a CSV file, columns in first-seen order; written atomically."
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols); w.writeheader()
+    for r in rows: w.writerow({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in r.items()})
+    return write_text(path, buf.getvalue())
 
 # %% ../nbs/65_evaluate.ipynb #cc24ecc1
 def montage(example:dict, title:str="", size:float=1.6):
     "A figure: I_R, I'_D, I_D and each method's fused volume (columns) in three planes (rows)."
     from unifuse.viz import show_slices
     vols = [example["ref"], example["deg"], example["deg_label"], *example["fused"].values()]
+    vols = [luma(v.reshape(1, -1, *v.shape[-3:]))[0, 0] for v in vols]         # colour volumes shown as Y for now
     titles = ["I_R (ref)", "I'_D (input)", "I_D (clean)", *example["fused"].keys()]
     titles = [t.replace("TV + ", "") for t in titles]
     return show_slices(*[v.clamp(0, 1) for v in vols], titles=titles, size=size, suptitle=title, dpi=60)
@@ -359,7 +379,9 @@ def write_montages(result:dict, out_dir, key:str="Q_ssim") -> list:
         ranked = sorted(((np.mean(v), c) for (t, c), v in by_case.items() if t == task))
         for tag, (val, cid) in (("worst", ranked[0]), ("best", ranked[-1])):
             fig = montage(result["examples"][cid], f"{task}: {tag} case {cid} (mean {key} {val:.3f})")
-            p = out_dir / f"montage_{task}_{tag}.png"; fig.savefig(p, dpi=60, bbox_inches="tight"); paths.append(p)
+            p = out_dir / f"montage_{task}_{tag}.png"
+            with atomic_path(p) as tmp: fig.savefig(tmp, format="png", dpi=60, bbox_inches="tight")
+            paths.append(p)
             _close(fig)
             if len(ranked) == 1: break
     return paths
@@ -371,16 +393,39 @@ def _close(fig):
 # %% ../nbs/65_evaluate.ipynb #78e3be17
 def _load_model(path, device):
     from unifuse.model import UniFuse
-    return UniFuse.load(path).to(device).eval()
+    return UniFuse.load(path, map_location="cpu").to(device).eval()
+
+class _Parser(argparse.ArgumentParser):
+    "argparse whose mistakes end in one line on stderr (no usage block) and exit status 2."
+    def error(self, message): self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+def _fail(message:str):
+    "A user's mistake: one line on stderr, exit status 2, no traceback."
+    print(f"unifuse-eval: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+MIN_SIZE = 17  # the largest VIF window: smaller volumes cannot be scored
+
+def vif_scales(size:int) -> int:
+    "How many of VIF's four scales (windows 17, 9, 5, 3, halving between them) fit a volume of `size` voxels per side."
+    n_used = 0
+    for scale, n in enumerate((17, 9, 5, 3), start=1):
+        if scale > 1:
+            if size < n: break
+            size = -(-(size - n + 1) // 2)                                       # valid filter, then every other voxel
+        if size < n: break
+        n_used += 1
+    return n_used
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="unifuse-eval",
         description="Evaluate UniFuse and/or the staged classical baseline (restore -> register -> fuse) on a test "
                     "set and write Table-1-style fusion and Table-6-style alignment tables (Markdown and CSV), "
-                    "per-case rows and slice montages. Scores are against the clean aligned sources.",
+                    "per-case rows and slice montages. Scores are against the clean aligned sources; colour "
+                    "outputs are scored on their Y channel. The outputs appear in --out together, or not at all.",
         epilog="examples:\n  unifuse-eval --out results                      # baseline on built-in heads\n"
-               "  unifuse-eval --checkpoint model.pt --tasks mri --n 5 --out results\n",
+               "  unifuse-eval --checkpoint model.pt --tasks mri --n 5 --out results --overwrite\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="model saved by UniFuse.save (default: none, baseline only)")
     p.add_argument("--dataset", default="builtin", choices=["builtin", *READERS],
@@ -390,16 +435,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["mri", "ct", "pet"], choices=["mri", "ct", "pet"],
                    help="tasks to evaluate (built-in; a reader's dataset fixes its task)")
     p.add_argument("--n", type=int, default=2, help="cases per task (built-in) or at most this many per task (reader); default 2")
-    p.add_argument("--size", type=int, default=48, help="volume side in voxels: built-in heads, or the grid a reader "
-                                                         "resamples to (default 48)")
+    p.add_argument("--size", type=int, default=48, help=f"volume side in voxels, at least {MIN_SIZE}: built-in heads, or "
+                                                         "the grid a reader resamples to (default 48)")
     p.add_argument("--seed", type=int, default=1, help="built-in seed block for test subjects (default 1; training uses 0)")
     p.add_argument("--fusion", nargs="+", default=list(FUSION_RULES), choices=list(FUSION_RULES), help="baseline fusion rules")
     p.add_argument("--registration", default="rigid", choices=["rigid", "bspline"],
                    help="baseline registration: 'rigid' (default) or 'bspline' (rigid, then a bounded B-spline; slower, "
                         "and unregularised mutual information can overfit)")
     p.add_argument("--no-baseline", action="store_true", help="evaluate the checkpoint only")
-    p.add_argument("--device", default="cpu", help="device for the model (default cpu)")
+    p.add_argument("--device", default="cpu", help="device for the model and the cases (default cpu)")
     p.add_argument("--out", type=Path, default=Path("unifuse-eval"), help="output folder (default ./unifuse-eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out, whole")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -410,7 +456,7 @@ def reader_cases(name:str, # a key of `READERS`: "brats2020", "synthrad2023", "p
                  n:int=2, # at most this many cases
                  size=48, # resample every pair onto this grid (int or (D, H, W)); None: native grid
                  split:str="test", # "test", "train" or "all" (the reader's seeded split)
-                 split_seed:int=0, # the split's seed (the one training used)
+                 split_seed:int|None=None, # the split's seed (None: the split file's, as training wrote it)
                  device="cpu"):
     "Evaluation cases from one of `unifuse.data`'s readers: a generator of `make_case` dicts (no tissue labels: Dice is NaN)."
     import unifuse.data as data
@@ -419,41 +465,130 @@ def reader_cases(name:str, # a key of `READERS`: "brats2020", "synthrad2023", "p
     for i in range(min(n, len(ds))):
         yield make_case(ds[i], seed=i, device=device)
 
+def _is_evaluation(folder:Path) -> bool:
+    "Whether `folder` holds an evaluation written by `unifuse-eval` (its summary.json)."
+    try: d = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError): return False
+    return isinstance(d, dict) and "meta" in d and "summary" in d
+
+def _check_out(out:Path, overwrite:bool):
+    "Refuse an --out that names a file, or a used folder without --overwrite (or one that is not an evaluation)."
+    if out.exists() and not out.is_dir(): _fail(f"--out {out}: is a file; expected a folder for the evaluation's outputs")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir(): _fail(f"--out {out}: {parent} is a file, so no folder can be made under it")
+            break
+    if out.is_dir() and any(out.iterdir()):
+        if not _is_evaluation(out):
+            _fail(f"--out {out}: the folder holds other files and no earlier evaluation; choose an empty or new folder")
+        if not overwrite:
+            _fail(f"--out {out}: holds an earlier evaluation; pass --overwrite to replace it whole, or choose another --out")
+
+def _check_device(device:str) -> torch.device:
+    try: dev = torch.device(device)
+    except (RuntimeError, ValueError): _fail(f"--device {device}: not a device torch knows; expected e.g. cpu, cuda or cuda:1")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                  f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 …)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        _fail(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"): _fail(f"--device {device}: expected cpu, cuda or mps")
+    return dev
+
+def write_evaluation(res:dict, # what `evaluate` returns
+                     folder, # where to write (created if missing)
+                     meta:dict, # facts about the run, stored in summary.json
+                    ) -> list:
+    "Write an evaluation's tables, per-case rows, montages and summary.json into `folder`; returns the file names."
+    folder = Path(folder)
+    fus = markdown_table(res["summary"], FUSION_COLS + ("flops_G", "params_M", "time_s"), "Fusion")
+    if meta.get("vif_scales", 4) < 4:
+        fus += (f"\n\nQ_vif and Q_viff use {meta['vif_scales']} of VIF's 4 scales at this size (41 voxels per side or more "
+                "give all four): compare them only with evaluations at the same size.")
+    ali = markdown_table(res["summary"], ALIGN_COLS, "Alignment")
+    write_text(folder / "fusion.md", fus + "\n"); write_text(folder / "alignment.md", ali + "\n")
+    keep = ["method", "n", "colour"]
+    write_csv([{k: v for k, v in s.items() if k in keep or any(k.startswith(c) for c in FUSION_COLS + ("flops_G", "params_M", "time_s"))}
+               for s in res["summary"]], folder / "fusion.csv")
+    write_csv([{k: v for k, v in s.items() if k in keep or k.startswith("align_")} for s in res["summary"]],
+              folder / "alignment.csv")
+    write_csv(res["cases"], folder / "cases.csv")
+    pngs = write_montages(res, folder)
+    files = ["fusion.md", "alignment.md", "fusion.csv", "alignment.csv", "cases.csv", *[p.name for p in pngs], "summary.json"]
+    write_json(folder / "summary.json", json.loads(json.dumps(
+        {"format": "unifuse-eval", "meta": {**meta, "files": files}, "summary": res["summary"]}, default=float)), indent=1)
+    return files
+
+def _publish(tmp:Path, out:Path, overwrite:bool):
+    "Move the finished evaluation `tmp` to `out` (an earlier one there is replaced whole, with --overwrite)."
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite and _is_evaluation(out)):                              # it changed while we worked
+            _fail(f"--out {out}: was filled by something else during the evaluation; pass --overwrite or choose another --out")
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old); os.rename(tmp, out); shutil.rmtree(old, ignore_errors=True)
+    else:
+        if out.exists(): out.rmdir()                                             # an empty folder
+        os.rename(tmp, out)
+
 def main(argv=None) -> int:
     "Command line entry point of `unifuse-eval`."
     args = _parser().parse_args(argv)
-    if args.no_baseline and args.checkpoint is None: _parser().error("--no-baseline needs --checkpoint")
-    if args.n < 1: _parser().error("--n must be at least 1")
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.dataset == "builtin":
-        cases = list(builtin_cases(args.tasks, args.n, args.size, args.seed, args.device))
-    else:
-        if args.root is None: _parser().error(f"--dataset {args.dataset} needs --root")
-        cases = list(reader_cases(args.dataset, args.root, args.n, args.size, args.split, device=args.device))
+    # every check that can fail on the user's input comes before the long work, and nothing is written until the end
+    if args.no_baseline and args.checkpoint is None: _fail("--no-baseline needs --checkpoint (nothing to evaluate otherwise)")
+    if args.n < 1: _fail(f"--n {args.n}: expected at least 1 case per task")
+    if args.size < MIN_SIZE:
+        _fail(f"--size {args.size}: expected at least {MIN_SIZE} voxels per side (VIF's largest window is {MIN_SIZE} "
+              "voxels; 41 or more give all four of its scales)")
+    if args.dataset != "builtin" and args.root is None: _fail(f"--dataset {args.dataset} needs --root (the dataset folder or CSV file)")
+    if args.dataset == "builtin" and args.root is not None: _fail("--root is for a reader's data; pass --dataset too (brats2020, synthrad2023, petct or csv)")
+    if args.root is not None and not args.root.exists(): _fail(f"--root {args.root}: no such file or folder")
+    _check_out(args.out, args.overwrite)
+    device = _check_device(args.device)
     methods, flops, params = {}, {}, {}
+    if args.checkpoint is not None:                                               # a bad checkpoint is found first
+        if not args.checkpoint.is_file(): _fail(f"--checkpoint {args.checkpoint}: no such file")
+        try: model = _load_model(args.checkpoint, device)
+        except Exception as e: _fail(f"--checkpoint {args.checkpoint}: could not be loaded ({e})".replace("\n", " "))
+    try:
+        if args.dataset == "builtin": cases = list(builtin_cases(args.tasks, args.n, args.size, args.seed, device))
+        else: cases = list(reader_cases(args.dataset, args.root, args.n, args.size, args.split, device=device))
+    except (ValueError, TypeError, OSError) as e: _fail(f"--dataset {args.dataset}: {e}".replace("\n", " "))
+    if not cases: _fail(f"--dataset {args.dataset}: the {args.split!r} split of {args.root} holds no subjects; try --split all")
     if args.checkpoint is not None:
-        model = _load_model(args.checkpoint, args.device)
-        methods["UniFuse"] = unifuse_method(model, args.device)
+        methods["UniFuse"] = unifuse_method(model, device)
         c = cases[0]
-        flops["UniFuse"] = count_flops(model, c["ref"].to(args.device), c["deg"].to(args.device))
+        flops["UniFuse"] = count_flops(model, c["ref"].to(device), c["deg"].to(device))
         params["UniFuse"] = count_params(model)
     if not args.no_baseline:
         methods.update(baseline_methods(args.fusion, deformable=args.registration == "bspline"))
-    res = evaluate(cases, methods, flops, params, progress=not args.quiet)
-    fus = markdown_table(res["summary"], FUSION_COLS + ("flops_G", "params_M", "time_s"), "Fusion")
-    ali = markdown_table(res["summary"], ALIGN_COLS, "Alignment")
-    (args.out / "fusion.md").write_text(fus + "\n"); (args.out / "alignment.md").write_text(ali + "\n")
-    keep = ["method", "n"]
-    write_csv([{k: v for k, v in s.items() if k in keep or any(k.startswith(c) for c in FUSION_COLS + ("flops_G", "params_M", "time_s"))}
-               for s in res["summary"]], args.out / "fusion.csv")
-    write_csv([{k: v for k, v in s.items() if k in keep or k.startswith("align_")} for s in res["summary"]],
-              args.out / "alignment.csv")
-    write_csv(res["cases"], args.out / "cases.csv")
-    pngs = write_montages(res, args.out)
+    scales = vif_scales(args.size)
+    if scales < 4: print(f"unifuse-eval: note: at --size {args.size} Q_vif and Q_viff use {scales} of VIF's 4 scales "
+                         "(41 or more give all four); the tables say so", file=sys.stderr)
+    with warnings.catch_warnings():                                              # said once above, not once per case
+        warnings.filterwarnings("ignore", message="volume too small for all four VIF scales")
+        res = evaluate(cases, methods, flops, params, progress=not args.quiet)
     meta = {"dataset": args.dataset, "tasks": args.tasks, "cases": len(cases), "size": args.size,
             "checkpoint": str(args.checkpoint) if args.checkpoint else None, "methods": list(methods),
-            "registration": args.registration, "files": [p.name for p in pngs]}
-    (args.out / "summary.json").write_text(json.dumps({"meta": meta, "summary": res["summary"]}, indent=1, default=float))
-    print(fus, "\n", ali, sep="\n")
-    print(f"\nwrote fusion.md/.csv, alignment.md/.csv, cases.csv, summary.json and {len(pngs)} montages to {args.out}")
+            "registration": args.registration, "device": str(device), "vif_scales": scales}
+    made = [q for q in [args.out.parent, *args.out.parent.parents] if not q.exists()]   # parents we create
+    tmp = None
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}.partial-"))
+        mask = os.umask(0); os.umask(mask); os.chmod(tmp, 0o777 & ~mask)         # a folder as mkdir makes it
+        files = write_evaluation(res, tmp, meta)
+        _publish(tmp, args.out, args.overwrite); tmp = None
+    except OSError as e: _fail(f"--out {args.out}: could not write the evaluation ({e})")
+    finally:
+        if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)               # nothing half-written stays
+        if not args.out.exists():
+            for q in made:
+                try: q.rmdir()
+                except OSError: break
+    print(Path(args.out / "fusion.md").read_text(encoding="utf-8"), Path(args.out / "alignment.md").read_text(encoding="utf-8"), sep="\n")
+    n_png = sum(f.endswith(".png") for f in files)
+    print(f"wrote fusion.md/.csv, alignment.md/.csv, cases.csv, summary.json and {n_png} montages to {args.out}")
     return 0

@@ -163,7 +163,7 @@ class FA(nn.Module):
         if c % heads: raise ValueError(f"FA: fa_channels={c} must be divisible by fa_heads={heads}")
         self.cfg = cfg
         self.proj = nn.Conv3d(M, c, 1)                                      # M → c, shared by D and R
-        self.guide = PromptMLP(cfg.prompt_len, M, c)
+        self.guide = PromptMLP(cfg.prompt_len, M, c) if J else None         # only RegBLKs read the prompt
         self.blocks = nn.ModuleList(RegBLK(c, heads, cfg.fa_window, level=J - 1 - i, shift=bool(i % 2), guide=c)
                                     for i in range(J))
         self.head = nn.Sequential(nn.Conv3d(2 * c, c, 3, padding=1), nn.ReLU(), nn.Conv3d(c, 3, 1))
@@ -181,7 +181,7 @@ class FA(nn.Module):
                              f"got {tuple(fbar_d.shape)} and {tuple(fbar_r.shape)}")
         size = tuple(int(s) for s in size)
         if len(size) != 3: raise ValueError(f"FA: size must be (D, H, W), got {size}")
-        g = self.guide(prompt)                                              # (B, c)
+        g = self.guide(prompt) if self.blocks else None                     # (B, c)
         fd, fr = self.proj(fbar_d), self.proj(fbar_r)                       # F̄_D^1, F̄_R^1 (B, c, d, h, w)
         for blk in self.blocks: fd, fr = blk(fd, fr, g)                     # F̄^{i+1}
         phi_c = self.head(torch.cat([fd, fr], 1))                           # (B, 3, d, h, w), 1/Q voxels

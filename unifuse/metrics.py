@@ -10,6 +10,7 @@ import math, warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .colour import luma
 from .spatial import warp, jacobian_det
 
 # %% auto #0
@@ -19,21 +20,38 @@ __all__ = ['METRICS', 'q_mse', 'q_cc', 'q_psnr', 'q_scd', 'ssim', 'q_ssim', 'vif
 
 # %% ../nbs/60_metrics.ipynb #d280c281
 def _as_batch(x, name:str) -> tuple[torch.Tensor, bool]:
-    "`x` as a float64 `(B, 1, D, H, W)` tensor, and whether it was a single volume."
+    "`x` as a float64 `(B, 1, D, H, W)` tensor (RGB as its Y channel), and whether it was a single volume."
     if isinstance(x, np.ndarray): x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise TypeError(f"{name} is a meta tensor, which holds no values to score; pass a CPU or GPU tensor")
+    if x.is_complex(): raise TypeError(f"{name} must hold real numbers, got {x.dtype}")
+    if x.ndim == 5 and x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (B = 0) of shape {tuple(x.shape)}; expected at least one volume")
     if x.ndim == 3: return x[None, None].double(), True                 # (D, H, W)
     if x.ndim == 4 and x.shape[0] == 1: return x[None].double(), True   # (1, D, H, W)
     if x.ndim == 5 and x.shape[1] == 1: return x.double(), False         # (B, 1, D, H, W)
-    raise ValueError(f"{name} must have shape (D, H, W), (1, D, H, W) or (B, 1, D, H, W); got {tuple(x.shape)}")
+    if x.ndim == 5 and x.shape[1] == 3: return luma(x.double()), False   # (B, 3, D, H, W) RGB: its Y channel
+    hint = "; for one RGB volume add a batch axis: x[None]" if x.ndim == 4 and x.shape[0] == 3 else ""
+    raise ValueError(f"{name} must have shape (D, H, W), (1, D, H, W), (B, 1, D, H, W) or (B, 3, D, H, W) (RGB); "
+                     f"got {tuple(x.shape)}{hint}")
+
+_SLACK = 0.1  # values further than this outside [0, 1] are warned about
 
 def _check_range(x:torch.Tensor, name:str):
-    if torch.isnan(x).any(): raise ValueError(f"{name} contains NaN")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(x).sum())
+        raise ValueError(f"{name} contains {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite values; "
+                         "the metrics expect finite values in [0, 1]")
     lo, hi = float(x.min()), float(x.max())
     if hi > 2 or lo < -1:
         raise ValueError(f"{name} has values in [{lo:.3g}, {hi:.3g}]; the metrics expect [0, 1] "
                          "(rescale 0-255 or raw intensities to [0, 1] first)")
+    if hi > 1 + _SLACK or lo < -_SLACK:                                 # one message per name: Python shows it once
+        warnings.warn(f"{name} has values well outside [0, 1] (by more than {_SLACK}); the metrics assume [0, 1] "
+                      "(Q_psnr's peak is 1), so its scores change meaning: clip or rescale it first", stacklevel=4)
 
 def _inputs(**vols) -> tuple[list[torch.Tensor], bool]:
     "Validate named volumes together; return them as `(B, 1, D, H, W)` float64 and the single flag."
@@ -258,8 +276,11 @@ def alignment_metrics(aligned, # volume after alignment, (D, H, W) or (B, 1, D, 
 
 def _labels_batch(x, name):
     if isinstance(x, np.ndarray): x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, torch.Tensor): raise TypeError(f"{name} must be a tensor or array of integer labels")
-    if x.is_floating_point(): raise TypeError(f"{name} must hold integer labels, got {x.dtype}")
+    if not isinstance(x, torch.Tensor): raise TypeError(f"{name} must be a tensor or array of integer labels, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer labels, got {x.dtype} (labels from a float volume: x.round().long())")
+    if x.device.type == "meta": raise TypeError(f"{name} is a meta tensor, which holds no labels to score; pass a CPU or GPU tensor")
+    if x.ndim == 5 and x.shape[0] == 0: raise ValueError(f"{name} is an empty batch (B = 0) of shape {tuple(x.shape)}")
     if x.ndim == 3: return x[None], True                                         # (1, D, H, W)
     if x.ndim == 4 and x.shape[0] == 1: return x, True
     if x.ndim == 5 and x.shape[1] == 1: return x[:, 0], False
@@ -273,6 +294,9 @@ def dice(seg, # integer labels, (D, H, W) or (B, 1, D, H, W)
     (s, single), (t, _) = _labels_batch(seg, "seg"), _labels_batch(target, "target")
     if s.shape != t.shape: raise ValueError(f"seg {tuple(s.shape)} and target {tuple(t.shape)} differ in shape")
     if labels is None: labels = [int(v) for v in torch.unique(t) if v != 0]
+    elif isinstance(labels, (str, bytes)) or not all(isinstance(l, (int, np.integer)) or
+                                                     (isinstance(l, torch.Tensor) and l.numel() == 1) for l in labels):
+        raise TypeError(f"labels={labels!r}: expected a list of integer label values (or None: those in target)")
     out = {}
     for l in labels:
         ps, pt = (s == l).flatten(1), (t == l).flatten(1)                       # (B, V)
@@ -284,32 +308,49 @@ def dice(seg, # integer labels, (D, H, W) or (B, 1, D, H, W)
 # %% ../nbs/60_metrics.ipynb #01d42ad1
 def _flow_batch(flow):
     if isinstance(flow, np.ndarray): flow = torch.from_numpy(flow)
-    if not isinstance(flow, torch.Tensor): raise TypeError("flow must be a torch.Tensor or numpy array")
+    if not isinstance(flow, torch.Tensor): raise TypeError(f"flow must be a torch.Tensor or numpy array, got {type(flow).__name__}")
+    if flow.device.type == "meta": raise TypeError("flow is a meta tensor, which holds no values to score; pass a CPU or GPU tensor")
+    if flow.ndim == 5 and flow.shape[0] == 0: raise ValueError(f"flow is an empty batch (B = 0) of shape {tuple(flow.shape)}")
     if flow.ndim == 4 and flow.shape[0] == 3: return flow[None].double(), True
     if flow.ndim == 5 and flow.shape[1] == 3: return flow.double(), False
     raise ValueError(f"flow must have shape (3, D, H, W) or (B, 3, D, H, W) in voxels; got {tuple(flow.shape)}")
 
 def folding_fraction(flow, # (B, 3, D, H, W) or (3, D, H, W) displacement in voxels, channels (D, H, W)
                     ) -> float | torch.Tensor:
-    "Share of voxels where p ↦ p + flow(p) folds (Jacobian determinant ≤ 0); lower is better."
+    "Share of voxels where p ↦ p + flow(p) folds (Jacobian determinant ≤ 0); lower is better; NaN for a non-finite flow."
     u, single = _flow_batch(flow)
     det = jacobian_det(u)                                                         # (B, D, H, W)
     frac = (det <= 0).double().flatten(1).mean(1)                                # (B,)
-    return _result(frac, single)
+    broken = ~torch.isfinite(u).flatten(1).all(1)                                 # (B,) a diverged field
+    return _result(torch.where(broken, torch.full_like(frac, float("nan")), frac), single)
 
 # %% ../nbs/60_metrics.ipynb #2ee73eb8
 def warp_labels(labels, # integer labels, (D, H, W) or (B, 1, D, H, W)
-                flow, # (B, 3, D, H, W) or (3, D, H, W) in voxels (DESIGN.md convention)
-                n_labels:int|None=None, # number of label values (default: max + 1)
+                flow, # (B, 3, D, H, W) or (3, D, H, W) in voxels (`unifuse.spatial`'s convention)
+                n_labels:int|None=None, # optional check: every label must be below this
+                chunk:int=8, # label values warped at a time (memory: chunk one-hot volumes)
                ) -> torch.Tensor:
-    "Labels pulled through `flow` (one-hot, trilinear, argmax); same shape and dtype as `labels`."
+    "Labels pulled through `flow` (one-hot, trilinear, argmax over the labels present); same shape and dtype as `labels`."
     lab, single = _labels_batch(labels, "labels")                                # (B, D, H, W)
     u, fsingle = _flow_batch(flow)
     if u.shape[0] != lab.shape[0] or u.shape[2:] != lab.shape[1:]:
         raise ValueError(f"labels {tuple(lab.shape)} and flow {tuple(u.shape)} do not match (same batch and grid)")
-    n = int(lab.max()) + 1 if n_labels is None else n_labels
-    oh = F.one_hot(lab.long(), n).movedim(-1, 1).float()                         # (B, n, D, H, W)
-    out = warp(oh, u.to(oh.dtype)).argmax(1).to(lab.dtype)                        # (B, D, H, W)
+    if not bool(torch.isfinite(u).all()):
+        raise ValueError("flow holds NaN or infinite displacements (a diverged registration?); labels cannot be warped by it")
+    values = torch.unique(lab)                                                    # (L,) sorted: the labels present
+    if n_labels is not None and int(values[-1]) >= n_labels:
+        raise ValueError(f"labels: expected values below n_labels={n_labels}, found {int(values[-1])}")
+    if not isinstance(chunk, int) or chunk < 1: raise ValueError(f"chunk={chunk!r}: expected a positive int")
+    uf = u.float()
+    best = torch.full(lab.shape, -1.0, device=lab.device)                        # (B, D, H, W) best weight so far
+    idx = torch.zeros(lab.shape, dtype=torch.long, device=lab.device)             # index into `values`
+    for start in range(0, len(values), chunk):
+        vals = values[start:start + chunk]                                        # (c,)
+        oh = (lab[:, None] == vals.view(1, -1, 1, 1, 1)).float()                 # (B, c, D, H, W)
+        w, k = warp(oh, uf).max(1)                                                # (B, D, H, W) each
+        better = w > best                                                         # ties keep the smaller label
+        best = torch.where(better, w, best); idx = torch.where(better, k + start, idx)
+    out = values[idx].to(lab.dtype)                                               # (B, D, H, W)
     if labels.ndim == 3: return out[0]                                           # (D, H, W)
     return out if labels.ndim == 4 else out[:, None]                             # as given
 
@@ -325,17 +366,20 @@ def invert_flow(flow, # (B, 3, D, H, W) displacement in voxels
 # %% ../nbs/60_metrics.ipynb #40c02b6d
 def count_params(module:torch.nn.Module, trainable_only:bool=False) -> int:
     "Number of parameters of `module`."
+    if not isinstance(module, torch.nn.Module): raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 def count_flops(fn, # a module or callable
                 *args, **kwargs) -> int:
     "FLOPs of one call `fn(*args, **kwargs)` without gradients (multiply-add = 2)."
+    if not callable(fn): raise TypeError(f"fn must be a module or callable, got {type(fn).__name__}")
     from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad(), FlopCounterMode(display=False) as fc: fn(*args, **kwargs)
     return int(fc.get_total_flops())
 
 def flops_by_module(module:torch.nn.Module, *args, depth:int=1, **kwargs) -> dict:
     "FLOPs of one forward per submodule name down to `depth` (`'Global'` is the total)."
+    if not isinstance(module, torch.nn.Module): raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad(), FlopCounterMode(display=False, depth=depth) as fc: module(*args, **kwargs)
     counts = fc.get_flop_counts()

@@ -20,6 +20,7 @@ from .dapl import DAPL, to_volume
 from .oufr import OUFR, moda_loss
 from .fa import FA, reg_loss
 from .ufrf import UFRF, fusion_losses
+from .colour import luma, rgb_to_ycbcr
 
 _all_ = ["UniFuseConfig"]
 def _weights_dir() -> Path: return Path(unifuse.__file__).parent / "weights"                                                   # re-exported: one import for users
@@ -68,24 +69,30 @@ class UniFuse(nn.Module):
         return {**n, "total": sum(p.numel() for p in self.parameters())}
 
     def _check(self, ref, deg):
-        c = self.cfg.in_channels
-        for name, x in (("ref", ref), ("deg", deg)):
+        "Refuse what the network cannot fuse, with a message that says what to do; values are not read on `meta`."
+        cd = "1 or 3" if self.cfg.colour else "1"
+        for name, x, c in (("ref", ref, "1"), ("deg", deg, cd)):
             if not isinstance(x, Tensor):
                 raise TypeError(f"UniFuse: `{name}` must be a torch.Tensor (B, {c}, D, H, W), got {type(x).__name__}")
-            if x.ndim != 5 or x.shape[1] != c:
-                hint = " (add batch and channel axes: x[None, None])" if x.ndim == 3 else ""
+            if x.ndim != 5 or str(x.shape[1]) not in c.split(" or "):
+                hint = (" (add batch and channel axes: x[None, None])" if x.ndim == 3 else
+                        " (RGB input needs a colour model: UniFuseConfig(colour=True))" if x.ndim == 5 and x.shape[1] == 3 else "")
                 raise ValueError(f"UniFuse: `{name}` must have shape (B, {c}, D, H, W), got {tuple(x.shape)}{hint}")
+            if x.shape[0] == 0:
+                raise ValueError(f"UniFuse: `{name}` is an empty batch {tuple(x.shape)}; pass at least one volume")
             if not x.is_floating_point():
                 raise TypeError(f"UniFuse: `{name}` must be a floating tensor with intensities in [0, 1], got {x.dtype}")
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"UniFuse: `{name}` contains NaN or infinite values; clean or mask them first")
-        if ref.shape != deg.shape:
-            raise ValueError(f"UniFuse: `ref` and `deg` must have the same shape (resample one onto the other's grid), "
-                             f"got {tuple(ref.shape)} and {tuple(deg.shape)}")
+        if ref.shape[0] != deg.shape[0] or ref.shape[2:] != deg.shape[2:]:
+            raise ValueError(f"UniFuse: `ref` and `deg` must have the same batch size and grid (resample one onto the other's "
+                             f"grid), got {tuple(ref.shape)} and {tuple(deg.shape)}")
         dev = next(self.parameters()).device
         if ref.device != dev or deg.device != dev:
             raise ValueError(f"UniFuse: inputs are on {ref.device}/{deg.device} but the model is on {dev}; "
                              f"move them with .to({str(dev)!r})")
+        if dev.type == "meta": return                                       # shapes only: no values to read
+        for name, x in (("ref", ref), ("deg", deg)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"UniFuse: `{name}` contains NaN or infinite values; clean or mask them first")
         lo, hi = float(torch.minimum(ref.min(), deg.min())), float(torch.maximum(ref.max(), deg.max()))
         if lo < -0.1 or hi > 1.1:
             warnings.warn(f"UniFuse: intensities span [{lo:.3g}, {hi:.3g}]; the model expects volumes scaled to [0, 1]")
@@ -94,18 +101,20 @@ class UniFuse(nn.Module):
         "Everything of one forward pass on already padded inputs (sides multiples of `self.multiple`)."
         size = tuple(ref.shape[2:])
         grid = tuple(s // self.cfg.patch for s in size)                     # (D/Q, H/Q, W/Q)
-        d = self.dapl(deg, ref)                                             # F'_D, F_R, F̂'_D, h, p, P̂
+        d = self.dapl(luma(deg), ref)                                       # F'_D, F_R, F̂'_D, h, p, P̂ (grey: Y of colour input)
         fbar_d, fbar_r = self.oufr(d["feat_d_hat"], d["feat_r"], d["states"])  # F̄'_D, F̄_R (B, N, M)
         vd, vr = to_volume(fbar_d, grid), to_volume(fbar_r, grid)           # (B, M, D/Q, H/Q, W/Q)
         flow, flow_c = self.fa(vd, vr, d["prompt"], size, return_coarse=True)  # φ (B, 3, D, H, W), φ↓
+        warped = warp(deg, flow)                                            # W(I'_D, φ): (B, 1 or 3, D, H, W)
+        chroma = rgb_to_ycbcr(warped)[:, 1:] if deg.shape[1] == 3 else None # Cb, Cr of the aligned colour input
         fused = self.ufrf(warp(d["feat_d"], flow), d["feat_r"],             # W(F'_D, φ), F_R
-                          warp(vd, flow_c), vr, d["prompt"], d["probs"])    # W(F̄'_D, φ↓), F̄_R
-        return dict(fused=fused, flow=flow, warped=warp(deg, flow), probs=d["probs"],
+                          warp(vd, flow_c), vr, d["prompt"], d["probs"], chroma)   # W(F̄'_D, φ↓), F̄_R
+        return dict(fused=fused, flow=flow, warped=warped, probs=d["probs"],
                     dapl=d, fbar_d=fbar_d, fbar_r=fbar_r)
 
-    def forward(self, ref:Tensor, # I_R: (B, in_channels, D, H, W) clean reference in [0, 1]
-                deg:Tensor, # I'_D: (B, in_channels, D, H, W) degraded, misaligned volume in [0, 1]
-               ) -> dict: # fused (B, C, D, H, W), flow (B, 3, D, H, W), warped (B, C, D, H, W), probs (B, Ñ)
+    def forward(self, ref:Tensor, # I_R: (B, 1, D, H, W) clean reference in [0, 1]
+                deg:Tensor, # I'_D: (B, 1, D, H, W) degraded, misaligned volume in [0, 1]; RGB (B, 3, …) for a colour model
+               ) -> dict: # fused and warped (B, C, D, H, W) with C of `deg`, flow (B, 3, D, H, W), probs (B, Ñ)
         "Fuse `deg` into `ref`'s frame: the fused volume, φ_D→R, the aligned degraded volume, p."
         self._check(ref, deg)
         dtype = next(self.parameters()).dtype
@@ -114,36 +123,56 @@ class UniFuse(nn.Module):
         return dict(fused=crop_to(o["fused"], size), flow=crop_to(o["flow"], size),
                     warped=crop_to(o["warped"], size), probs=o["probs"])
 
-    def loss(self, batch:dict, # from `unifuse.degrade.make_batch`: ref, deg, deg_label, ref_moved, deg_fine, flow, label
-             generator:torch.Generator|None=None, # for L_moda's random negatives
-            ) -> dict: # ce, moda, reg, ssim, inten, grad, crcb (unweighted) and total (Eq. 15, weighted)
-        "Every term of the total loss (Eq. 15) on one training batch."
+    def _check_batch(self, batch):
+        "The training tuple of `make_batch`: keys, shapes, devices and (off `meta`) finite values."
         need = ("ref", "deg", "deg_label", "ref_moved", "deg_fine", "flow", "label")
         if not isinstance(batch, dict) or any(k not in batch for k in need):
             have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise ValueError(f"UniFuse.loss: batch must be the dict of unifuse.degrade.make_batch with keys {need}; got {have}")
-        cfg, w = self.cfg, self.cfg.loss_weights
         ref, deg = batch["ref"], batch["deg"]
         self._check(ref, deg)
-        if batch["flow"].shape != (ref.shape[0], 3, *ref.shape[2:]):
-            raise ValueError(f"UniFuse.loss: batch['flow'] must be (B, 3, D, H, W) matching ref {tuple(ref.shape)}, "
-                             f"got {tuple(batch['flow'].shape)}")
+        B, size = ref.shape[0], tuple(ref.shape[2:])
+        expect = dict(deg_label=(B, deg.shape[1], *size), ref_moved=(B, 1, *size), deg_fine=(B, deg.shape[1], *size),
+                      flow=(B, 3, *size), label=(B,))
+        for k, shp in expect.items():
+            x = batch[k]
+            if not isinstance(x, Tensor) or tuple(x.shape) != shp:
+                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"UniFuse.loss: batch[{k!r}] must be {shp} to match ref {tuple(ref.shape)} and deg "
+                                 f"{tuple(deg.shape)}, got {got}; build batches with unifuse.degrade.make_batch")
+            if x.device != ref.device:
+                raise ValueError(f"UniFuse.loss: batch[{k!r}] is on {x.device}, ref on {ref.device}; move the whole batch to one device")
+        if batch["label"].dtype != torch.long:
+            raise TypeError(f"UniFuse.loss: batch['label'] must be a long tensor of class indices, got {batch['label'].dtype}")
+        if ref.device.type == "meta": return
+        bad = [k for k in ("deg_label", "ref_moved", "deg_fine", "flow") if not bool(torch.isfinite(batch[k]).all())]
+        if bad: raise ValueError(f"UniFuse.loss: batch{bad} contain NaN or infinite values; the training tuple must be finite")
+
+    def loss(self, batch:dict, # from `unifuse.degrade.make_batch`: ref, deg, deg_label, ref_moved, deg_fine, flow, label
+             generator:torch.Generator|None=None, # for L_moda's random negatives
+            ) -> dict: # ce, moda, reg, ssim, inten, grad, crcb (unweighted) and total (Eq. 15, weighted)
+        "Every term of the total loss (Eq. 15) on one training batch."
+        self._check_batch(batch)
+        cfg, w = self.cfg, self.cfg.loss_weights
+        dtype = next(self.parameters()).dtype
+        b = {k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in batch.items()}
+        ref, deg = b["ref"], b["deg"]
         m = self.multiple
         pad = lambda x: pad_to_multiple(x, m)[0]
         size = tuple(ref.shape[2:])
-        o = self._run(pad(ref), pad(deg))
+        o = self._run(pad(ref), pad(deg))                                   # the training pair {I'_D, I_R}
         d = o["dapl"]
-        L = dict(ce=self.dapl.ce_loss(d, batch["label"].to(ref.device)))
+        L = dict(ce=self.dapl.ce_loss(d, b["label"]))                       # Eq. 1
         zero = ref.new_zeros(())
-        if w["moda"] != 0:                                                  # second pair {I_D, I'_R}
-            d2 = self.dapl(pad(batch["deg_label"]), pad(batch["ref_moved"]))
+        if w["moda"] != 0:                                                  # the second pair {I_D, I'_R}
+            d2 = self.dapl(pad(luma(b["deg_label"])), pad(b["ref_moved"]))
             fbar_d2, fbar_rp = self.oufr(d2["feat_d_hat"], d2["feat_r"], d2["states"])   # F̄_D, F̄'_R
-            L["moda"] = moda_loss(o["fbar_d"], o["fbar_r"], fbar_d2, fbar_rp,
+            L["moda"] = moda_loss(o["fbar_d"], o["fbar_r"], fbar_d2, fbar_rp,          # Eq. 4: (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
                                   K=cfg.moda_negatives, tau=cfg.moda_tau, generator=generator)
         else: L["moda"] = zero
         flow = crop_to(o["flow"], size)
-        L["reg"] = reg_loss(flow, batch["flow"])                            # Eq. 6
-        target_d = crop_to(warp(pad(batch["deg_fine"]), o["flow"]), size)   # W(I'_fine, φ_D→R)
+        L["reg"] = reg_loss(flow, b["flow"])                                # Eq. 6
+        target_d = crop_to(warp(pad(b["deg_fine"]), o["flow"]), size)       # W(I'_fine, φ_D→R)
         L.update(fusion_losses(crop_to(o["fused"], size), target_d, ref))   # Eq. 11–13
         L["total"] = sum(w[k] * L[k] for k in ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb"))  # Eq. 15
         return L

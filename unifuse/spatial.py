@@ -42,9 +42,9 @@ def identity_grid(
     device=None, # torch device of the grid
     dtype=torch.float32, # floating dtype of the grid
 )->Tensor: # (1, n, *size) voxel coordinates, channel i = index along axis i
-    "The identity map in voxels; cached per (size, device, dtype): treat it as read-only."
+    "The identity map in voxels: a fresh tensor (the cache per size, device and dtype stays inside)."
     size = _check_size(size)
-    return _identity(size, torch.device(device) if device is not None else torch.device("cpu"), dtype)
+    return _identity(size, torch.device(device) if device is not None else torch.device("cpu"), dtype).clone()
 
 # %% ../nbs/01_spatial.ipynb #e0a9f5fe
 @functools.lru_cache(maxsize=32)
@@ -64,12 +64,14 @@ def _check_flow(flow, name="flow"):
     if not flow.is_floating_point():
         raise TypeError(f"`{name}` must be a floating tensor, got {flow.dtype}")
 
+_MODES, _PADDINGS = ("bilinear", "nearest"), ("border", "zeros", "reflection")
+
 def warp(
     x:Tensor, # (B, C, D, H, W) volume (or (B, C, H, W) image) to resample
     flow:Tensor, # (B, 3, D, H, W) displacement in voxels, channels in (D, H, W) order; batch 1 broadcasts
-    mode:str="bilinear", # "bilinear" (trilinear in 3D) or "nearest" (for label volumes)
+    mode:str|None=None, # "bilinear" (trilinear in 3D) or "nearest"; None: bilinear for floats, nearest for integer labels
     padding_mode:str="border", # grid_sample padding: "border", "zeros" or "reflection"
-)->Tensor: # (B, C, D, H, W): x(p + flow(p)) on flow's grid
+)->Tensor: # (B, C, D, H, W): x(p + flow(p)) on flow's grid; NaN where flow is not finite
     "Pull warp: `warp(x, flow)(p) = x(p + flow(p))`."
     _check_flow(flow)
     if not isinstance(x, Tensor) or x.ndim != flow.ndim:
@@ -81,14 +83,27 @@ def warp(
     B = max(x.shape[0], flow.shape[0])
     if x.shape[0] not in (1, B) or flow.shape[0] not in (1, B):
         raise ValueError(f"batch sizes of `x` ({x.shape[0]}) and `flow` ({flow.shape[0]}) must match or be 1")
-    dtype = x.dtype if x.is_floating_point() else flow.dtype
-    x_in = x if x.is_floating_point() else x.to(dtype)
+    labels = not (x.is_floating_point() or x.is_complex())
+    if mode is None: mode = "nearest" if labels else "bilinear"
+    if mode not in _MODES: raise ValueError(f"`mode` must be one of {_MODES} (or None: automatic), got {mode!r}")
+    if padding_mode not in _PADDINGS:
+        raise ValueError(f"`padding_mode` must be one of {_PADDINGS}, got {padding_mode!r}")
+    if labels and mode != "nearest":
+        raise ValueError(f"`mode`={mode!r} would invent values between the integer labels of `x` ({x.dtype}); "
+                         "use mode='nearest' (the default for integer volumes) or convert `x` to float first")
+    if labels and flow.device.type != "meta" and not bool(torch.isfinite(flow).all()):
+        raise ValueError("`flow` holds NaN or infinite displacements (a diverged registration?); an integer "
+                         "volume cannot show them: check the flow, e.g. torch.isfinite(flow).all()")
+    # integer labels ride in float64 when float32 could not hold them exactly (above 2**24)
+    dtype = x.dtype if not labels else (torch.float64 if x.dtype in (torch.int32, torch.int64) else flow.dtype)
+    x_in = x if not labels else x.to(dtype)
     ident, scale = _norm_identity(tuple(flow.shape[2:]), flow.device, dtype)
     grid = (flow.to(dtype).flip(1) * scale + ident).movedim(1, -1)  # (B, *size, n) normalised (x, y, z)
     if x_in.shape[0] != B: x_in = x_in.expand(B, *x_in.shape[1:])
     if grid.shape[0] != B: grid = grid.expand(B, *grid.shape[1:])
     out = F.grid_sample(x_in, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    return out if x.is_floating_point() else out.round().to(x.dtype)
+    if labels: return out.round().to(x.dtype)
+    return out + flow.sum(1, keepdim=True).to(out.dtype) * 0  # NaN (not a border value) where the flow is not finite
 
 # %% ../nbs/01_spatial.ipynb #4b9342db
 def compose(
@@ -136,6 +151,8 @@ def rotation_matrix(
     angles:Tensor, # (B, 3) angles in radians about the D, H and W axes (or (B,) / (B, 1) in 2D)
 )->Tensor: # (B, 3, 3) rotation matrices R = R_D @ R_H @ R_W (or (B, 2, 2))
     "Rotation matrices acting on (D, H, W) voxel coordinates."
+    if not isinstance(angles, Tensor) or not angles.is_floating_point():
+        raise TypeError(f"`angles` must be a floating torch.Tensor (B, 3) in radians, got {type(angles).__name__}")
     if angles.ndim == 1 or angles.shape[-1] == 1:
         a = angles.reshape(-1)
         c, s = torch.cos(a), torch.sin(a)
@@ -161,12 +178,15 @@ def affine_flow(
     "The flow of the affine map p ↦ A(p − c) + c + t."
     size = _check_size(size)
     n = len(size)
-    if matrix.shape[-2:] != (n, n) or translation.shape[-1] != n:
+    if not isinstance(matrix, Tensor) or not isinstance(translation, Tensor):
+        raise TypeError(f"`matrix` and `translation` must be torch.Tensors, got {type(matrix).__name__} and {type(translation).__name__}")
+    if matrix.ndim != 3 or matrix.shape[-2:] != (n, n) or translation.shape[-1] != n:
         raise ValueError(f"`matrix` must be (B, {n}, {n}) and `translation` (B, {n}) for a {n}D size; "
                          f"got {tuple(matrix.shape)} and {tuple(translation.shape)}")
     p = identity_grid(size, matrix.device, matrix.dtype)  # (1, n, *size)
     c = (_const(tuple((s - 1) / 2 for s in size), matrix.device, matrix.dtype)
          if center is None else torch.as_tensor(center, device=matrix.device, dtype=matrix.dtype))
+    if c.numel() != n: raise ValueError(f"`center` must hold {n} coordinates (voxels, (D, H, W) order), got {tuple(c.shape)}")
     view = (-1, n) + (1,) * n
     q = torch.einsum("bij,bj...->bi...", matrix, (p - c.reshape(1, n, *[1] * n)).expand(matrix.shape[0], *p.shape[1:]))
     return q + c.reshape(1, n, *[1] * n) + translation.reshape(view) - p

@@ -14,9 +14,10 @@ from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
 from .fa import ChannelNorm, PromptMLP, ConvFFN
+from .colour import rgb_to_ycbcr, ycbcr_to_rgb, luma
 
 # %% auto #0
-__all__ = ['BaseNet', 'LoRANet', 'ALSN', 'ycbcr_to_rgb', 'rgb_to_ycbcr', 'UFRF', 'ssim3d', 'fusion_losses']
+__all__ = ['BaseNet', 'LoRANet', 'ALSN', 'UFRF', 'ssim3d', 'fusion_losses']
 
 # %% ../nbs/40_ufrf.ipynb #bd288e59
 class BaseNet(nn.Module):
@@ -102,19 +103,7 @@ class ALSN(nn.Module):
         return out
 
 # %% ../nbs/40_ufrf.ipynb #67c76d0f
-def _heads(c:int) -> int: return max(1, c // 16)
-
-def ycbcr_to_rgb(x:Tensor) -> Tensor:
-    "(B, 3, …) Y, Cb, Cr in [0, 1] (ITU-R BT.601, full range) → R, G, B."
-    y, cb, cr = x[:, 0:1], x[:, 1:2] - 0.5, x[:, 2:3] - 0.5
-    return torch.cat([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
-
-def rgb_to_ycbcr(x:Tensor) -> Tensor:
-    "(B, 3, …) R, G, B in [0, 1] → Y, Cb, Cr in [0, 1] (ITU-R BT.601, full range)."
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    return torch.cat([y, (b - y) / 1.772 + 0.5, (r - y) / 1.402 + 0.5], 1)
-
+def _heads(c:int, head_dim:int) -> int: return max(1, c // head_dim)
 
 class UFRF(nn.Module):
     "U-shaped restoration-and-fusion network with an ALSN at every scale; returns I_fuse in [0, 1]."
@@ -130,13 +119,16 @@ class UFRF(nn.Module):
         self.down = nn.ModuleList(nn.Conv3d(ch[k - 1], ch[k], 2, stride=2) for k in range(1, n))
         ex = lambda k: 1 if k == 0 else 2                                  # feed-forward width: thin at full resolution
         self.enc = nn.ModuleList(ConvFFN(ch[k]) for k in range(1, n))
-        self.alsn = nn.ModuleList(ALSN(c, _heads(c), cfg.n_classes, cfg.lora_rank, M, cfg.alsn, ffn_expand=ex(k))
+        self.alsn = nn.ModuleList(ALSN(c, _heads(c, cfg.ufrf_head_dim), cfg.n_classes, cfg.lora_rank, M, cfg.alsn,
+                                       ffn_expand=1 if k == 0 else cfg.ufrf_ffn_expand)
                                   for k, c in enumerate(ch))
         self.up = nn.ModuleList(nn.ConvTranspose3d(ch[k], ch[k - 1], 2, stride=2) for k in range(1, n))
         self.fuse = nn.ModuleList(nn.Conv3d(2 * ch[k], ch[k], 1) for k in range(n - 1))
         self.dec = nn.ModuleList(ConvFFN(ch[k], expand=ex(k)) for k in range(n - 1))
-        self.colour = cfg.in_channels == 3
-        self.out = nn.Conv3d(ch[0], 3 if self.colour else 1, 1)
+        self.out = nn.Conv3d(ch[0], 1, 1)                                   # Y: the fused grey volume
+        if cfg.colour:                                                      # chroma of colour input (Eq. 13)
+            self.chroma = nn.Conv3d(ch[0] + 2, 2, 1)                        # refines W(C_D, φ), zero at start
+            nn.init.zeros_(self.chroma.weight); nn.init.zeros_(self.chroma.bias)
 
     @property
     def multiple(self) -> int:
@@ -149,7 +141,8 @@ class UFRF(nn.Module):
                 coarse_r:Tensor, # F̄_R (B, M, D/Q, H/Q, W/Q)
                 prompt:Tensor, # P̂ (B, Ñ, L, M)
                 probs:Tensor, # p (B, Ñ)
-               ) -> Tensor: # I_fuse (B, 1, D, H, W) in [0, 1] (RGB (B, 3, …) for colour input)
+                chroma:Tensor|None=None, # Cb, Cr of the aligned colour input W(I'_D, φ) (B, 2, D, H, W); needs `cfg.colour`
+               ) -> Tensor: # I_fuse (B, 1, D, H, W) in [0, 1]; RGB (B, 3, D, H, W) when `chroma` is given
         C, M = self.cfg.enc_channels, self.cfg.embed_dim
         size = full_d_warped.shape[2:]
         if full_d_warped.ndim != 5 or full_d_warped.shape != full_r.shape or full_d_warped.shape[1] != C:
@@ -158,6 +151,10 @@ class UFRF(nn.Module):
         if coarse_d_warped.ndim != 5 or coarse_d_warped.shape != coarse_r.shape or coarse_r.shape[1] != M:
             raise ValueError(f"UFRF: coarse_d_warped and coarse_r must both be (B, M={M}, D/Q, H/Q, W/Q); "
                              f"got {tuple(coarse_d_warped.shape)} and {tuple(coarse_r.shape)}")
+        if chroma is not None and not self.cfg.colour:
+            raise ValueError("UFRF: chroma was given but this network has no chroma head; build it with UniFuseConfig(colour=True)")
+        if chroma is not None and (chroma.ndim != 5 or chroma.shape[1] != 2 or chroma.shape[2:] != size):
+            raise ValueError(f"UFRF: chroma must be (B, 2, D, H, W) = Cb, Cr on the grid {tuple(size)}, got {tuple(chroma.shape)}")
         if any(s % self.multiple for s in size):
             raise ValueError(f"UFRF: spatial size {tuple(size)} must be a multiple of {self.multiple} "
                              f"(the U-Net halves the grid {self.n - 1} times); pad the input (UniFuse does)")
@@ -180,8 +177,10 @@ class UFRF(nn.Module):
         for k in range(self.n - 2, -1, -1):                                 # expanding path
             y = self.fuse[k](torch.cat([self.up[k](y), feats[k]], 1))       # (B, c_k, …)
             y = y + self.dec[k](y)
-        out = torch.sigmoid(self.out(y))                                    # (B, 1 or 3, D, H, W)
-        return ycbcr_to_rgb(out).clamp(0, 1) if self.colour else out
+        out = torch.sigmoid(self.out(y))                                    # Y_fuse (B, 1, D, H, W)
+        if chroma is None: return out
+        c = (chroma + self.chroma(torch.cat([y, chroma], 1))).clamp(0, 1)   # C_fuse (B, 2, D, H, W)
+        return ycbcr_to_rgb(torch.cat([out, c], 1)).clamp(0, 1)             # RGB (B, 3, D, H, W)
 
 # %% ../nbs/40_ufrf.ipynb #f3d53691
 def ssim3d(x:Tensor, # (B, C, D, H, W) in [0, 1]
@@ -203,20 +202,22 @@ def _grads(x:Tensor) -> list[Tensor]:
     return [x.diff(dim=d).abs() for d in (2, 3, 4)]
 
 
-def fusion_losses(fused:Tensor, # I_fuse (B, C, D, H, W) in [0, 1]; C = 1 (grey) or 3 (RGB)
-                  target_d:Tensor, # W(I'_fine, φ_D→R), same shape
-                  ref:Tensor, # I_R, same shape
+def fusion_losses(fused:Tensor, # I_fuse (B, 1, D, H, W) grey or (B, 3, D, H, W) RGB, in [0, 1]
+                  target_d:Tensor, # W(I'_fine, φ_D→R), the same shape as `fused`
+                  ref:Tensor, # I_R (B, 1, D, H, W) (an RGB reference is used through its Y)
                  ) -> dict: # ssim, inten, grad, crcb (scalars)
-    "L_ssim (Eq. 11), L_inten and L_grad (Eq. 12), L_crcb (Eq. 13; 0 for grey volumes)."
-    if not (fused.shape == target_d.shape == ref.shape) or fused.ndim != 5 or fused.shape[1] not in (1, 3):
-        raise ValueError(f"fusion_losses: fused, target_d and ref must share one shape (B, 1 or 3, D, H, W); "
-                         f"got {tuple(fused.shape)}, {tuple(target_d.shape)}, {tuple(ref.shape)}")
+    "L_ssim (Eq. 11), L_inten and L_grad (Eq. 12) on Y; L_crcb (Eq. 13) on Cb, Cr of RGB volumes (0 for grey ones)."
+    if fused.ndim != 5 or fused.shape != target_d.shape or fused.shape[1] not in (1, 3) \
+            or ref.ndim != 5 or ref.shape[1] not in (1, 3) or ref.shape[0] != fused.shape[0] or ref.shape[2:] != fused.shape[2:]:
+        raise ValueError(f"fusion_losses: fused and target_d must share one shape (B, 1 or 3, D, H, W) and ref be "
+                         f"(B, 1, D, H, W) on the same grid; got {tuple(fused.shape)}, {tuple(target_d.shape)}, {tuple(ref.shape)}")
     crcb = fused.new_zeros(())
     if fused.shape[1] == 3:                                                # colour: Y for fusion, CbCr for colour
-        fy, ty, ry = rgb_to_ycbcr(fused), rgb_to_ycbcr(target_d), rgb_to_ycbcr(ref)
+        fy, ty = rgb_to_ycbcr(fused), rgb_to_ycbcr(target_d)
         cf, ct = fy[:, 1:], ty[:, 1:]                                       # C_fuse, C_fine (B, 2, …)
         crcb = (cf - ct).abs().mean() + (1 - ssim3d(cf, ct))
-        fused, target_d, ref = fy[:, :1], ty[:, :1], ry[:, :1]
+        fused, target_d = fy[:, :1], ty[:, :1]
+    ref = luma(ref)
     l_ssim = (1 - ssim3d(fused, target_d)) + (1 - ssim3d(fused, ref))
     l_inten = (fused - torch.maximum(target_d, ref)).abs().mean()
     l_grad = sum((gf - torch.maximum(gt, gr)).abs().mean()

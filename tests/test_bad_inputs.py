@@ -1,0 +1,368 @@
+"""Bad input at every public entry point, as a careless user would give it: one row per case.
+
+Each module has a list of rows. A `Case` is a call (a function of a scratch folder), what it must do — raise
+`exc` (a user's mistake raises ValueError or TypeError, or a subclass; FileNotFoundError for a missing file), warn
+(`warns`), or return a result that `check` accepts — and `match`: patterns its message must contain, the argument's
+name first, then what was expected. A `Cli` row runs a command's `main(argv)` in an empty scratch folder (after
+`setup`) and expects exit status 2, exactly one line on stderr, no traceback, and nothing new left in the folder.
+
+To add rows for another module, append `Case(...)` / `Cli(...)` rows to its list (MODEL, DEGRADE, TRAIN, FUSE
+below); a new list goes into ROWS.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from unifuse import data as D
+from unifuse import evaluate as E
+from unifuse import metrics as M
+from unifuse import spatial as S
+
+
+@dataclass
+class Case:
+    id: str                                          # "function: what is wrong"
+    call: Callable[[Path], Any]                      # the call, given a scratch folder
+    exc: type | tuple | None = None                  # the exception expected; None: the call returns
+    match: tuple = ()                                # regexes the message must contain: the argument, then the expectation
+    check: Callable[[Any], bool] | None = None       # rows that return: a test of the result
+    warns: type | None = None                        # a warning expected (its message matches `match`)
+
+
+@dataclass
+class Cli:
+    id: str                                          # "command: what is wrong"
+    main: Callable                                   # the command's entry point, main(argv) -> int
+    argv: list                                       # "{tmp}" is replaced by the scratch folder
+    match: tuple = ()                                # regexes the one stderr line must contain
+    setup: Callable[[Path], Any] | None = None       # files to make in the scratch folder first
+    skip: Callable[[], str | None] = lambda: None    # a reason to skip this row here, or None
+
+
+# ---------------------------------------------------------------- helpers for the rows
+
+def vol(n=8, value=None, dtype=np.float32):
+    "A small 3D array."
+    return np.random.default_rng(0).random((n, n, n)).astype(dtype) if value is None else np.full((n, n, n), value, dtype)
+
+def nii(tmp, name, arr, affine=None):
+    "A NIfTI file in the scratch folder."
+    return D.save_nifti(tmp / name, arr, np.eye(4) if affine is None else affine)
+
+def with_nan(a, idx=(1, 2, 3)):
+    a = a.copy() if isinstance(a, np.ndarray) else a.clone()
+    a[idx] = float("nan")
+    return a
+
+def csv_file(tmp, text, name="pairs.csv", encoding="utf-8"):
+    (tmp / name).write_bytes(text.encode(encoding))
+    return tmp / name
+
+def brats(tmp, n=2):
+    return D.fake_tree(tmp / "brats", "brats2020", n=n, size=8)
+
+def split_file(tmp):
+    "A BraTS tree whose split file was drawn with sizes (1, 1)."
+    root = brats(tmp); f = tmp / "split.json"
+    D.BraTS2020(root, split="test", sizes=(1, 1), split_file=f)
+    return root, f
+
+def t3(n=20, seed=0):
+    return torch.rand(n, n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+def flow(n=6, b=1):
+    return torch.zeros(b, 3, n, n, n)
+
+def labels(n=8):
+    lab = torch.zeros(n, n, n, dtype=torch.long); lab[2:5] = 3
+    return lab
+
+META = torch.empty(1, 1, 20, 20, 20, device="meta")
+
+
+# ---------------------------------------------------------------- unifuse.data
+
+DATA = [
+    Case("builtin_pair: unknown task", lambda t: D.builtin_pair("xray"), ValueError, ("task", "one of")),
+    Case("builtin_pair: size too small", lambda t: D.builtin_pair("mri", size=2), ValueError, ("size", "at least 4")),
+    Case("builtin_pair: size a string", lambda t: D.builtin_pair("mri", size="big"), TypeError, ("size", "int or a")),
+    Case("builtin_subject: unknown modality", lambda t: D.builtin_subject(0, 8, ("MRI-T1", "US")), ValueError, ("modality", "expected MRI-T1")),
+    Case("builtin_subject: seed a string", lambda t: D.builtin_subject("abc", 8), TypeError, ("seed", "expected an int")),
+    Case("builtin_affine: size 0", lambda t: D.builtin_affine(0), ValueError, ("size", "at least 4")),
+    Case("BuiltinPairs: n 0", lambda t: D.BuiltinPairs(n=0), ValueError, ("n=0", "positive")),
+    Case("BuiltinPairs: unknown task", lambda t: D.BuiltinPairs(("mri", "us")), ValueError, ("task", "one of")),
+    Case("gaussian_blur: 3D tensor", lambda t: D.gaussian_blur(torch.zeros(4, 4, 4), 1.0), ValueError, ("x", r"\(C, D, H, W\)")),
+    Case("gaussian_blur: negative sigma", lambda t: D.gaussian_blur(torch.zeros(1, 4, 4, 4), -1.0), ValueError, ("sigma", "non-negative")),
+    Case("check_volume: 2D", lambda t: D.check_volume(np.zeros((4, 4)), "scan.nii"), ValueError, ("scan.nii", "one 3D volume")),
+    Case("check_volume: NaN", lambda t: D.check_volume(with_nan(vol()), "scan.nii"), ValueError, ("scan.nii", "NaN or infinite")),
+    Case("load_nifti: missing file", lambda t: D.load_nifti(t / "none.nii.gz"), FileNotFoundError, ("none.nii.gz", "no such file")),
+    Case("load_nifti: empty file", lambda t: D.load_nifti(csv_file(t, "", "e.nii.gz")), ValueError, ("e.nii.gz", "empty")),
+    Case("load_nifti: not NIfTI", lambda t: D.load_nifti(csv_file(t, "junk", "j.nii.gz")), ValueError, ("j.nii.gz", "could not be read as NIfTI")),
+    Case("load_nifti: a folder", lambda t: D.load_nifti(t), IsADirectoryError, ("is a folder", r"\.nii")),
+    Case("load_nifti: dtype too small (1509.5 as uint8)", lambda t: D.load_nifti(nii(t, "v.nii", vol(value=1509.5)), dtype=np.uint8),
+         ValueError, ("dtype=uint8", r"1509\.5", r"0 \.\. 255")),
+    Case("load_nifti: fractions as int16", lambda t: D.load_nifti(nii(t, "v.nii", vol()), dtype=np.int16), ValueError, ("dtype=int16", "non-integer")),
+    Case("load_nifti: overflow in float16", lambda t: D.load_nifti(nii(t, "v.nii", vol(value=1e6)), dtype=np.float16), ValueError, ("dtype=float16", "overflow")),
+    Case("load_nifti: dtype not a type", lambda t: D.load_nifti(nii(t, "v.nii", vol()), dtype="pixels"), TypeError, ("dtype", "number type")),
+    Case("load_nifti: uint8 that fits", lambda t: D.load_nifti(nii(t, "v.nii", vol(value=200, dtype=np.int16)), dtype=np.uint8)[0],
+         check=lambda v: v.dtype == np.uint8 and int(v.max()) == 200),
+    Case("save_nifti: 4D volume", lambda t: D.save_nifti(t / "x.nii", np.zeros((2, 3, 3, 3)), np.eye(4)), ValueError, ("vol", r"\(D, H, W\)")),
+    Case("save_nifti: 3x3 affine", lambda t: D.save_nifti(t / "x.nii", vol(), np.eye(3)), ValueError, ("affine", "4x4", "translation")),
+    Case("save_nifti: singular affine", lambda t: D.save_nifti(t / "x.nii", vol(), np.diag([1.0, 0, 1, 1])), ValueError, ("affine", "singular")),
+    Case("save_nifti: not a .nii name", lambda t: D.save_nifti(t / "x.png", vol(), np.eye(4)), ValueError, ("path", r"\.nii or \.nii\.gz")),
+    Case("save_nifti: a folder", lambda t: D.save_nifti(t, vol(), np.eye(4)), ValueError, ("path", r"\.nii")),
+    Case("save_nifti: complex values", lambda t: D.save_nifti(t / "x.nii", vol().astype(np.complex64), np.eye(4)), TypeError, ("vol", "real numbers")),
+    Case("save_nifti: meta tensor", lambda t: D.save_nifti(t / "x.nii", META[0, 0], np.eye(4)), TypeError, ("vol", "meta tensor")),
+    Case("save_nifti: torch long labels", lambda t: D.load_nifti(D.save_nifti(t / "l.nii.gz", labels(), np.eye(4)), dtype=None)[0],
+         check=lambda v: v.dtype == np.int32 and np.array_equal(v, labels().numpy())),
+    Case("save_nifti: float16", lambda t: D.load_nifti(D.save_nifti(t / "h.nii", torch.ones(4, 4, 4).half(), np.eye(4)))[0],
+         check=lambda v: v.dtype == np.float32 and (v == 1).all()),
+    Case("orientation: 3x3 affine", lambda t: D.orientation(np.eye(3)), ValueError, ("affine", "4x4")),
+    Case("to_canonical: 2D volume", lambda t: D.to_canonical(np.zeros((4, 4)), np.eye(4)), ValueError, ("vol", r"\(D, H, W\)")),
+    Case("to_canonical: NaN affine", lambda t: D.to_canonical(vol(), with_nan(np.eye(4), (0, 3))), ValueError, ("affine", "finite")),
+    Case("normalize: a NaN voxel", lambda t: D.normalize(with_nan(vol()), "MRI"), ValueError, ("vol", "1 of 512 voxels are NaN", "nan_to_num")),
+    Case("normalize: unknown modality", lambda t: D.normalize(vol(), "ultrasound"), ValueError, ("modality", "expected MRI")),
+    Case("normalize: reversed window", lambda t: D.normalize(vol(), "CT", window=(100, 0)), ValueError, ("window", "high > low")),
+    Case("normalize: window of one value", lambda t: D.normalize(vol(), "CT", window=5), ValueError, ("window", "two numbers")),
+    Case("normalize: reversed percentiles", lambda t: D.normalize(vol(), "MRI", percentiles=(99, 1)), ValueError, ("percentiles", "low < high")),
+    Case("normalize: mask of another shape", lambda t: D.normalize(vol(), "MRI", mask=np.ones((4, 4, 4))), ValueError, ("mask", "shape of vol")),
+    Case("normalize: meta tensor", lambda t: D.normalize(META, "MRI"), TypeError, ("vol", "meta tensor")),
+    Case("normalize: constant volume", lambda t: D.normalize(vol(value=3), "MRI"), warns=UserWarning, match=("MRI", "constant"),
+         check=lambda v: (v == 0).all()),
+    Case("fov_overlap: singular affine", lambda t: D.fov_overlap((8, 8, 8), np.eye(4), (8, 8, 8), np.zeros((4, 4))), ValueError, ("affine_b", "singular")),
+    Case("resample_to: 3x3 target affine", lambda t: D.resample_to(vol(), np.eye(4), (8, 8, 8), np.eye(3)), ValueError, ("target_affine", "4x4")),
+    Case("resample_to: bad shape", lambda t: D.resample_to(vol(), np.eye(4), (8, 0, 8), np.eye(4)), ValueError, ("shape", "positive ints")),
+    Case("resample_to: order 7", lambda t: D.resample_to(vol(), np.eye(4), (8, 8, 8), 2 * np.eye(4), order=7), ValueError, ("order", "0")),
+    Case("resample_pair: singular other_affine", lambda t: D.resample_pair(vol(), np.eye(4), vol(), np.diag([1.0, 1, 0, 1])), ValueError, ("other_affine", "singular")),
+    Case("resample_pair: 2D other", lambda t: D.resample_pair(vol(), np.eye(4), vol()[0], np.eye(4)), ValueError, ("other", r"one 3D volume \(D, H, W\)")),
+    Case("resample_pair: (1, D, H, W) ref", lambda t: D.resample_pair(vol()[None], np.eye(4), vol(), np.eye(4)), ValueError, ("ref", r"ref\[0\]")),
+    Case("resample_pair: 3x3 ref_affine", lambda t: D.resample_pair(vol(), np.eye(3), vol(), np.eye(4)), ValueError, ("ref_affine", "4x4", "translation")),
+    Case("resample_pair: disjoint fields of view", lambda t: D.resample_pair(vol(), np.eye(4), vol(), np.eye(4) + np.pad([[500.0]], ((0, 3), (3, 0)))),
+         ValueError, ("other", "overlap", "same subject")),
+    Case("resize_grid: 3x3 affine", lambda t: D.resize_grid((8, 8, 8), np.eye(3), 4), ValueError, ("affine", "4x4")),
+    Case("load_pair: unknown task", lambda t: D.load_pair("a.nii", "b.nii", "xray"), ValueError, ("task", "one of")),
+    Case("load_pair: missing file", lambda t: D.load_pair(t / "a.nii", t / "b.nii", "mri"), FileNotFoundError, ("a.nii", "no such file")),
+    Case("split_sizes: sizes an int", lambda t: D.split_sizes(10, 5), ValueError, ("sizes", r"\(train, test\)")),
+    Case("split_sizes: negative n", lambda t: D.split_sizes(-1, (1, 1)), ValueError, ("n=-1", ">= 0")),
+    Case("make_split: groups of another length", lambda t: D.make_split(["a", "b"], groups=["g"]), ValueError, ("groups", "one group per id")),
+    Case("make_split: negative size", lambda t: D.make_split(["a", "b"], (-1, 1)), ValueError, ("sizes", "non-negative")),
+    Case("make_split: a file holding other sizes", lambda t: D.make_split(["a", "b", "c"], (2, 1), path=D.make_split(["a", "b", "c"], (1, 2), path=t / "s.json") and t / "s.json"),
+         ValueError, ("s.json", r"sizes=\(1, 2\)", "delete")),
+    Case("BraTS2020: root missing", lambda t: D.BraTS2020(t / "nothing"), FileNotFoundError, ("root", "no such folder")),
+    Case("BraTS2020: root is a file", lambda t: D.BraTS2020(csv_file(t, "x", "f.txt")), FileNotFoundError, ("root", "is a file")),
+    Case("BraTS2020: empty folder", lambda t: D.BraTS2020(t), ValueError, ("found no", "layout")),
+    Case("BraTS2020: unknown split", lambda t: D.BraTS2020(brats(t), split="val"), ValueError, ("split", "'train', 'test' or 'all'")),
+    Case("BraTS2020: split file with other sizes", lambda t: D.BraTS2020(split_file(t)[0], split="test", sizes=(0, 2), split_file=t / "split.json"),
+         ValueError, ("split.json", r"sizes=\(1, 1\)", "delete")),
+    Case("BraTS2020: split file with another seed", lambda t: D.BraTS2020(split_file(t)[0], split="test", seed=9, split_file=t / "split.json"),
+         ValueError, ("split.json", "seed=0", "seed=None")),
+    Case("BraTS2020: split file, sizes=None", lambda t: len(D.BraTS2020(split_file(t)[0], split="test", split_file=t / "split.json")),
+         check=lambda n: n == 1),
+    Case("CSVPairs: missing file", lambda t: D.CSVPairs(t / "no.csv"), FileNotFoundError, ("csv_path", "no such file")),
+    Case("CSVPairs: header only", lambda t: D.CSVPairs(csv_file(t, "reference,other\n"), task="ct"), ValueError, ("pairs.csv", "no data lines")),
+    Case("CSVPairs: empty file", lambda t: D.CSVPairs(csv_file(t, ""), task="ct"), ValueError, ("pairs.csv", "empty")),
+    Case("CSVPairs: wrong columns", lambda t: D.CSVPairs(csv_file(t, "ref_path,other_path\na,b\n"), task="ct"), ValueError, ("pairs.csv", "'reference' and 'other'")),
+    Case("CSVPairs: semicolons", lambda t: D.CSVPairs(csv_file(t, "reference;other\na;b\n"), task="ct"), ValueError, ("pairs.csv", "';'", "commas")),
+    Case("CSVPairs: not UTF-8", lambda t: D.CSVPairs(csv_file(t, "reference,other\nbrücke,b\n", encoding="latin-1"), task="ct"), ValueError, ("pairs.csv", "UTF-8")),
+    Case("CSVPairs: no task", lambda t: D.CSVPairs(csv_file(t, "reference,other\na,b\n")), ValueError, ("pairs.csv, line 2", "task")),
+    Case("CSVPairs: unknown task in a line", lambda t: D.CSVPairs(csv_file(t, "reference,other,task\na,b,xray\n")), ValueError, ("line 2", "task='xray'", "one of")),
+    Case("CSVPairs: missing file in a line", lambda t: D.CSVPairs(csv_file(t, "reference,other\nnothere.nii.gz,b\n"), task="ct"), FileNotFoundError, ("line 2", "nothere.nii.gz")),
+    Case("CSVPairs: too many fields", lambda t: D.CSVPairs(csv_file(t, "reference,other\na,b,c\n"), task="ct"), ValueError, ("line 2", "3 fields", "2 columns")),
+    Case("CSVPairs: BOM and spaces (Excel)", lambda t: D.CSVPairs(csv_file(D.fake_tree(t, "csv", n=1, size=8).parent,
+         "\ufeffReference, Other, Task\ncase0/t1.nii.gz, case0/ct.nii.gz, ct\n", "x.csv")).items[0]["ref"].name, check=lambda n: n == "t1.nii.gz"),
+    Case("fake_tree: unknown layout", lambda t: D.fake_tree(t, "nifti"), ValueError, ("layout", "brats2020")),
+]
+
+
+# ---------------------------------------------------------------- unifuse.spatial
+
+SPATIAL = [
+    Case("identity_grid: zero size", lambda t: S.identity_grid((4, 0, 4)), ValueError, ("size", "positive ints")),
+    Case("identity_grid: hands out a copy", lambda t: (S.identity_grid((2, 3, 4)).zero_(), S.identity_grid((2, 3, 4)))[1],
+         check=lambda g: g[0, :, 1, 2, 3].tolist() == [1.0, 2.0, 3.0]),
+    Case("warp: flow not a tensor", lambda t: S.warp(torch.rand(1, 1, 4, 4, 4), None), TypeError, ("flow", "torch.Tensor")),
+    Case("warp: flow with 2 channels in 3D", lambda t: S.warp(torch.rand(1, 1, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4)), ValueError, ("flow", r"\(B, 3, D, H, W\)")),
+    Case("warp: integer flow", lambda t: S.warp(torch.rand(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4, dtype=torch.long)), TypeError, ("flow", "floating")),
+    Case("warp: x of another size", lambda t: S.warp(torch.rand(1, 1, 4, 4, 5), flow(4)), ValueError, ("x", "resample")),
+    Case("warp: x without batch and channel", lambda t: S.warp(torch.rand(4, 4, 4), flow(4)), ValueError, ("x", r"\(B, C, \*spatial\)")),
+    Case("warp: batch sizes 2 and 3", lambda t: S.warp(torch.rand(2, 1, 4, 4, 4), flow(4, 3)), ValueError, ("batch sizes of `x`", "match or be 1")),
+    Case("warp: unknown mode", lambda t: S.warp(torch.rand(1, 1, 4, 4, 4), flow(4), mode="cubic"), ValueError, ("mode", "bilinear")),
+    Case("warp: unknown padding", lambda t: S.warp(torch.rand(1, 1, 4, 4, 4), flow(4), padding_mode="edge"), ValueError, ("padding_mode", "border")),
+    Case("warp: labels with mode='bilinear'", lambda t: S.warp(labels(4)[None, None], flow(4), mode="bilinear"), ValueError, ("mode", "nearest")),
+    Case("warp: labels with a NaN flow", lambda t: S.warp(labels(6)[None, None], with_nan(flow(), (0, 0, 1, 1, 1))), ValueError, ("flow", "NaN or infinite")),
+    Case("warp: labels {1, 3} stay {1, 3}", lambda t: S.warp(1 + 2 * (torch.arange(6) > 2).long().view(1, 1, 1, 1, 6).expand(1, 1, 6, 6, 6).contiguous(),
+         torch.zeros(1, 3, 6, 6, 6).index_fill_(1, torch.tensor([2]), 0.5)), check=lambda y: y.unique().tolist() == [1, 3]),
+    Case("warp: a NaN flow gives NaN there", lambda t: S.warp(torch.rand(1, 1, 6, 6, 6), with_nan(flow(), (0, 1, 2, 2, 2))),
+         check=lambda y: bool(torch.isnan(y[0, 0, 2, 2, 2])) and int(torch.isnan(y).sum()) == 1),
+    Case("warp: runs on meta tensors", lambda t: S.warp(META, torch.empty(1, 3, 20, 20, 20, device="meta")), check=lambda y: y.is_meta and y.shape == META.shape),
+    Case("compose: two grids", lambda t: S.compose(flow(4), flow(5)), ValueError, ("`a`", "same grid")),
+    Case("integrate: steps -1", lambda t: S.integrate(flow(4), steps=-1), ValueError, ("steps", "non-negative int")),
+    Case("integrate: steps 2.5", lambda t: S.integrate(flow(4), steps=2.5), ValueError, ("steps", "non-negative int")),
+    Case("resize_flow: 2 sizes for 3 channels", lambda t: S.resize_flow(flow(4), (8, 8)), ValueError, ("size", "3 entries")),
+    Case("resize_flow: zero size", lambda t: S.resize_flow(flow(4), (8, 8, 0)), ValueError, ("size", "positive ints")),
+    Case("rotation_matrix: a list", lambda t: S.rotation_matrix([0.1, 0.2, 0.3]), TypeError, ("angles", "torch.Tensor")),
+    Case("rotation_matrix: (B, 4)", lambda t: S.rotation_matrix(torch.zeros(2, 4)), ValueError, ("angles", r"\(B, 3\)")),
+    Case("affine_flow: 2x2 matrix for 3D", lambda t: S.affine_flow(torch.eye(2)[None], torch.zeros(1, 3), (4, 4, 4)), ValueError, ("matrix", r"\(B, 3, 3\)")),
+    Case("affine_flow: centre of 2 values", lambda t: S.affine_flow(torch.eye(3)[None], torch.zeros(1, 3), (4, 4, 4), center=(1, 2)), ValueError, ("center", "3 coordinates")),
+    Case("affine_flow: lists", lambda t: S.affine_flow([[1, 0, 0]], [0, 0, 0], (4, 4, 4)), TypeError, ("matrix", "torch.Tensor")),
+    Case("jacobian_det: one voxel thick", lambda t: S.jacobian_det(torch.zeros(1, 3, 1, 4, 4)), ValueError, ("flow", "at least 2 voxels")),
+]
+
+
+# ---------------------------------------------------------------- unifuse.metrics
+
+A, B, F20 = t3(20, 0), t3(20, 1), t3(20, 2)
+
+METRICS = [
+    Case("q_mse: a list", lambda t: M.q_mse(A.tolist(), B, F20), TypeError, ("a must be", "torch.Tensor or numpy")),
+    Case("q_mse: shapes differ", lambda t: M.q_mse(A, B, F20[:-1]), ValueError, ("fused", "shapes differ", "one grid")),
+    Case("q_mse: 2D volumes", lambda t: M.q_mse(A[0], B[0], F20[0]), ValueError, ("a must have shape", r"\(D, H, W\)")),
+    Case("q_mse: one RGB volume without batch axis", lambda t: M.q_mse(A, B, F20.expand(3, 20, 20, 20)), ValueError, ("fused", r"x\[None\]")),
+    Case("q_mse: a NaN", lambda t: M.q_mse(A, B, with_nan(F20)), ValueError, ("fused", "1 NaN", r"\[0, 1\]")),
+    Case("q_cc: 0-255 data", lambda t: M.q_cc(A * 255, B, F20), ValueError, ("a has values", r"expect \[0, 1\]", "rescale")),
+    Case("q_psnr: values up to 1.5", lambda t: M.q_psnr(A, B, F20 * 1.5), warns=UserWarning, match=("fused", r"outside \[0, 1\]", "Q_psnr"),
+         check=lambda v: math.isfinite(v)),
+    Case("q_psnr: empty batch", lambda t: M.q_psnr(A[None, None][:0], B[None, None][:0], F20[None, None][:0]), ValueError, ("a is an empty batch", "at least one")),
+    Case("q_psnr: meta tensors", lambda t: M.q_psnr(META, META, META), TypeError, ("a is a meta tensor", "CPU or GPU")),
+    Case("q_ssim: RGB fused is scored on Y", lambda t: M.q_ssim(A[None, None], B[None, None], F20[None, None].expand(1, 3, 20, 20, 20)),
+         check=lambda v: torch.allclose(v, M.q_ssim(A[None, None], B[None, None], F20[None, None]))),
+    Case("ssim: volume below the window", lambda t: M.ssim(A[:8, :8, :8], B[:8, :8, :8]), ValueError, ("SSIM", "at least 11 voxels")),
+    Case("q_vif: volume below the window", lambda t: M.q_vif(A[:10], B[:10], F20[:10]), ValueError, ("VIF", "at least 17 voxels")),
+    Case("vif: complex values", lambda t: M.vif(A.to(torch.complex64), B), TypeError, ("ref", "real numbers")),
+    Case("fusion_metrics: 4D of 2", lambda t: M.fusion_metrics(torch.stack([A, B]), A, B), ValueError, ("a must have shape", r"\(B, 1, D, H, W\)")),
+    Case("alignment_metrics: shapes differ", lambda t: M.alignment_metrics(A, B[:-1]), ValueError, ("label", "shapes differ")),
+    Case("dice: float labels", lambda t: M.dice(A, B), TypeError, ("seg", "integer labels", "round")),
+    Case("dice: shapes differ", lambda t: M.dice(labels(4), labels(5)), ValueError, ("seg", "target", "differ in shape")),
+    Case("dice: labels a string", lambda t: M.dice(labels(4), labels(4), labels="all"), TypeError, ("labels", "integer label values")),
+    Case("folding_fraction: 2 channels", lambda t: M.folding_fraction(torch.zeros(2, 8, 8, 8)), ValueError, ("flow", r"\(3, D, H, W\)")),
+    Case("folding_fraction: a NaN flow is NaN, not 0.0", lambda t: M.folding_fraction(with_nan(torch.zeros(3, 8, 8, 8), (0, 4, 4, 4))), check=math.isnan),
+    Case("folding_fraction: meta", lambda t: M.folding_fraction(torch.empty(3, 8, 8, 8, device="meta")), TypeError, ("flow", "meta tensor")),
+    Case("warp_labels: float labels", lambda t: M.warp_labels(A, torch.zeros(3, 20, 20, 20)), TypeError, ("labels", "integer labels")),
+    Case("warp_labels: flow of another grid", lambda t: M.warp_labels(labels(8), torch.zeros(3, 9, 9, 9)), ValueError, ("labels", "flow", "same batch and grid")),
+    Case("warp_labels: a NaN flow", lambda t: M.warp_labels(labels(8), with_nan(torch.zeros(3, 8, 8, 8), (0, 4, 4, 4))), ValueError, ("flow", "NaN or infinite")),
+    Case("warp_labels: n_labels too small", lambda t: M.warp_labels(labels(8), torch.zeros(3, 8, 8, 8), n_labels=3), ValueError, ("n_labels=3", "below", "found 3")),
+    Case("warp_labels: label 2035 needs 2 channels, not 2036", lambda t: M.warp_labels(labels(8) * 678 + 1, torch.full((3, 8, 8, 8), 0.3)),
+         check=lambda y: y.unique().tolist() == [1, 2035]),
+    Case("invert_flow: 2 channels", lambda t: M.invert_flow(torch.zeros(2, 4, 4, 4)), ValueError, ("flow", r"\(3, D, H, W\)")),
+    Case("count_params: not a module", lambda t: M.count_params("net"), TypeError, ("module", "torch.nn.Module")),
+    Case("count_flops: not callable", lambda t: M.count_flops("net"), TypeError, ("fn", "callable")),
+    Case("flops_by_module: not a module", lambda t: M.flops_by_module(len, 1), TypeError, ("module", "torch.nn.Module")),
+]
+
+
+# ---------------------------------------------------------------- unifuse.evaluate (functions)
+
+EVALUATE = [
+    Case("restore: unknown task", lambda t: E.restore(A, "xray"), ValueError, ("task", "expected one of")),
+    Case("restore: 2D", lambda t: E.restore(A[0], "mri"), ValueError, ("x must be one volume", r"\(D, H, W\)")),
+    Case("restore: NaN", lambda t: E.restore(with_nan(A), "mri"), ValueError, ("x holds 1 NaN", "finite")),
+    Case("register: two grids", lambda t: E.register(A, B[:-1]), ValueError, ("fixed", "moving", "one grid")),
+    Case("fuse: unknown rule", lambda t: E.fuse(A, B, "median"), ValueError, ("rule", "'average', 'maximum' or 'pyramid'")),
+    Case("fuse: shapes differ", lambda t: E.fuse(A, B[:-1]), ValueError, ("a", "b", "same shape")),
+    Case("fuse: levels 0", lambda t: E.fuse(A, B, levels=0), ValueError, ("levels", "positive int")),
+    Case("staged_baseline: unknown task", lambda t: E.staged_baseline(A, B, "xray"), ValueError, ("task", "expected one of")),
+    Case("make_case: a pair without 'other'", lambda t: E.make_case({"ref": torch.rand(1, 8, 8, 8)}), ValueError, ("pair", "'other'", "builtin_pair")),
+    Case("score_case: two volumes as fused", lambda t: E.score_case(next(E.builtin_cases(["mri"], 1, 20)), torch.zeros(2, 20, 20, 20)),
+         ValueError, ("fused", "grey", "RGB")),
+    Case("reader_cases: unknown dataset", lambda t: next(E.reader_cases("ixi", t)), ValueError, ("dataset", "brats2020")),
+    Case("reader_cases: root missing", lambda t: next(E.reader_cases("brats2020", t / "none")), FileNotFoundError, ("root", "no such folder")),
+]
+
+
+# ---------------------------------------------------------------- commands
+
+def _corrupt(tmp): (tmp / "model.pt").write_bytes(b"\x80\x02 not a checkpoint")
+def _a_file(tmp): (tmp / "results").write_text("my notes")
+def _used_out(tmp):
+    (tmp / "ev").mkdir(); (tmp / "ev" / "fusion.md").write_text("old\n")
+    (tmp / "ev" / "summary.json").write_text('{"meta": {}, "summary": []}')
+def _header_only(tmp): (tmp / "pairs.csv").write_text("reference,other,task\n")
+def _cuda_here(): return "this machine has CUDA" if torch.cuda.is_available() else None
+
+EVAL_CLI = [
+    Cli("unifuse-eval: --size 0", E.main, ["--size", "0"], ("--size 0", "at least 17")),
+    Cli("unifuse-eval: --size 8", E.main, ["--size", "8"], ("--size 8", "at least 17")),
+    Cli("unifuse-eval: --n 0", E.main, ["--n", "0"], ("--n 0", "at least 1")),
+    Cli("unifuse-eval: --no-baseline alone", E.main, ["--no-baseline"], ("--no-baseline", "--checkpoint")),
+    Cli("unifuse-eval: --tasks xray", E.main, ["--tasks", "xray"], ("--tasks", "invalid choice")),
+    Cli("unifuse-eval: unknown option", E.main, ["--epochs", "3"], ("unrecognized arguments", "--epochs")),
+    Cli("unifuse-eval: --size not a number", E.main, ["--size", "big"], ("--size", "invalid int")),
+    Cli("unifuse-eval: a reader without --root", E.main, ["--dataset", "brats2020"], ("--dataset brats2020", "--root")),
+    Cli("unifuse-eval: --root missing", E.main, ["--dataset", "brats2020", "--root", "{tmp}/none"], ("--root", "no such file or folder")),
+    Cli("unifuse-eval: --root is a file", E.main, ["--dataset", "brats2020", "--root", "{tmp}/results"], ("--dataset brats2020", "root", "is a file"), _a_file),
+    Cli("unifuse-eval: --root with builtin", E.main, ["--root", "{tmp}"], ("--root", "--dataset")),
+    Cli("unifuse-eval: header-only CSV", E.main, ["--dataset", "csv", "--root", "{tmp}/pairs.csv", "--size", "17"], ("pairs.csv", "no data lines"), _header_only),
+    Cli("unifuse-eval: --out names a file", E.main, ["--out", "{tmp}/results"], ("--out", "is a file")),
+    Cli("unifuse-eval: --out under a file", E.main, ["--out", "{tmp}/results/ev"], ("--out", "is a file"), _a_file),
+    Cli("unifuse-eval: --out holds an evaluation", E.main, ["--out", "{tmp}/ev"], ("--out", "earlier evaluation", "--overwrite"), _used_out),
+    Cli("unifuse-eval: --device cuda without CUDA", E.main, ["--device", "cuda"], ("--device cuda", "CUDA is not available", "--device cpu"), skip=_cuda_here),
+    Cli("unifuse-eval: --device bogus", E.main, ["--device", "gpu0"], ("--device gpu0", "expected e.g. cpu")),
+    Cli("unifuse-eval: --checkpoint missing", E.main, ["--checkpoint", "{tmp}/none.pt"], ("--checkpoint", "none.pt", "no such file")),
+    Cli("unifuse-eval: --checkpoint corrupt", E.main, ["--checkpoint", "{tmp}/model.pt"], ("--checkpoint", "model.pt", "could not be loaded"), _corrupt),
+]
+
+# Rows for the modules and commands of other engineers go here (unifuse.model, unifuse.degrade, unifuse-train,
+# unifuse-fuse): Case rows for functions, Cli rows for commands.
+MODEL: list = []
+DEGRADE: list = []
+TRAIN: list = []
+FUSE: list = []
+
+ROWS = DATA + SPATIAL + METRICS + EVALUATE + EVAL_CLI + MODEL + DEGRADE + TRAIN + FUSE
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError)
+
+
+def test_row_ids_are_unique():
+    ids = [r.id for r in ROWS]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
+def _check_message(msg:str, patterns:tuple):
+    for p in patterns: assert re.search(p, msg), f"message lacks {p!r}: {msg}"
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if isinstance(r, Case)], ids=lambda r: r.id)
+def test_case(row, tmp_path):
+    if row.exc is not None:
+        assert issubclass(row.exc, USER_ERRORS), f"{row.exc.__name__}: a user's mistake raises ValueError or TypeError"
+        assert len(row.match) >= 2, "a row names the argument and what was expected"
+        with pytest.raises(row.exc) as e: row.call(tmp_path)
+        _check_message(str(e.value), row.match)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = row.call(tmp_path)
+    if row.warns is not None:
+        msgs = [str(w.message) for w in caught if issubclass(w.category, row.warns)]
+        assert msgs, f"no {row.warns.__name__} was raised"
+        _check_message(msgs[0], row.match)
+    assert row.check is not None, "a row that returns checks its result"
+    assert row.check(result), f"unexpected result: {result!r}"
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if isinstance(r, Cli)], ids=lambda r: r.id)
+def test_cli(row, tmp_path, monkeypatch, capsys):
+    if row.skip() is not None: pytest.skip(row.skip())
+    assert len(row.match) >= 2, "a row names the option and what was expected"
+    monkeypatch.chdir(tmp_path)                                                  # default output folders land here
+    if row.setup is not None: row.setup(tmp_path)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in row.argv]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e: row.main(argv)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert e.value.code == 2, f"exit status {e.value.code}, expected 2; stderr: {err}"
+    assert len(lines) == 1 and "Traceback" not in err, f"expected one line on stderr, got: {err}"
+    _check_message(lines[0], row.match)
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert after == before, f"left behind: {sorted(set(after) - set(before))}"
