@@ -2,12 +2,11 @@
 """Budgets of the UniFuse network.
 
 * FLOPs of one input pair (default 256³, the paper's Q_f = 395 G) counted with
-  `torch.utils.flop_counter.FlopCounterMode` (a multiply-add is 2 FLOPs), per module. By default the
-  count runs on real CPU tensors at 64³ and is scaled ×64 by the number of voxels: every counted
-  operation is per voxel or per token apart from the prompt MLPs (negligible) and FA's windows on its
-  coarsest grids (slightly different at 64³). `--flops-device meta --flops-count-size 256` counts exactly
-  without memory, where every module runs on the meta device (the selective scan must not read values).
-* Parameters: total and per part (UFR&F's budget: 0.95 M).
+  `torch.utils.flop_counter.FlopCounterMode` (a multiply-add is 2 FLOPs), per module, next to the
+  multiply-add count (the unit many papers call FLOPs). By default the count is exact: the public
+  forward runs at 256³ on the `meta` device (shapes only, no memory, a few seconds).
+  `--flops-device cpu --flops-count-size 64` counts on real tensors at 64³ and scales by voxels.
+* Parameters: total and per part beside the paper's (UFR&F 0.948 M; 2.986 M with multi-experts).
 * CPU: forward time and peak memory at `--cpu-size` (default 128³), the time of what the counter cannot
   see (selective scans and warps, measured by wrapping them), and the profiler's top operations.
 * CUDA (only where a GPU exists): batch `--cuda-batch` × `--cuda-size`³ (default 3 × 160³) with bf16
@@ -48,15 +47,15 @@ def count_flops(cfg: UniFuseConfig, size: int, device: str = "meta") -> dict:
         ref = torch.rand(1, 1, s, s, s)
         deg = torch.rand(1, 1, s, s, s)
         with torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
-            model._run(ref, deg)                                            # no input checks: meta has no values
+            model(ref, deg)                                                 # the public forward (value checks skip meta)
     counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
     total = fc.get_total_flops()
-    # FlopCounterMode names modules by class below the root: DAPL, DAPL.encoder, OUFR, FA, UFRF, …
-    table = {"dapl.encoder": counts.get("DAPL.encoder", 0)}
-    table["dapl (rest)"] = counts.get("DAPL", 0) - table["dapl.encoder"]
-    for k in ("oufr", "fa", "ufrf"): table[k] = counts.get(k.upper(), 0)
+    # FlopCounterMode names modules by attribute path below the root: UniFuse.dapl, UniFuse.dapl.encoder, …
+    table = {"dapl.encoder": counts.get("UniFuse.dapl.encoder", 0)}
+    table["dapl (rest)"] = counts.get("UniFuse.dapl", 0) - table["dapl.encoder"]
+    for k in ("oufr", "fa", "ufrf"): table[k] = counts.get(f"UniFuse.{k}", 0)
     table["outside the four parts"] = total - sum(table.values())
-    detail = {k: v for k, v in counts.items() if k.count(".") in (1, 2) and v > 0.005 * total}
+    detail = {k[len("UniFuse."):]: v for k, v in counts.items() if k.count(".") in (2, 3) and v > 0.005 * total}
     by_op = defaultdict(int)
     for op, v in fc.get_flop_counts().get("Global", {}).items(): by_op[str(op)] += v
     return dict(total=total, size=s, table=table, detail=detail, by_op=dict(by_op))
@@ -170,9 +169,9 @@ def main(argv=None):
     ap.add_argument("--n-regblk", type=int, default=None, help="override J")
     ap.add_argument("--alsn", choices=["lora", "none", "experts"], default=None, help="override the ALSN switch")
     ap.add_argument("--flops-size", type=int, default=256, help="side of the cubic pair whose FLOPs are counted")
-    ap.add_argument("--flops-count-size", type=int, default=64,
+    ap.add_argument("--flops-count-size", type=int, default=256,
                     help="size actually counted; the count is scaled by voxels to --flops-size (equal sizes: exact)")
-    ap.add_argument("--flops-device", choices=["meta", "cpu"], default="cpu",
+    ap.add_argument("--flops-device", choices=["meta", "cpu"], default="meta",
                     help="where the counting runs (meta: no memory, needs value-free code paths)")
     ap.add_argument("--cpu-size", type=int, default=128, help="side of the CPU forward timing (0: skip)")
     ap.add_argument("--cpu-reps", type=int, default=1, help="timed forwards after one warm-up (plus one profiled)")
@@ -188,8 +187,8 @@ def main(argv=None):
 
     model = UniFuse(cfg)
     res["params"] = model.num_params()
-    print(f"parameters: " + ", ".join(f"{k} {v:,}" for k, v in res["params"].items()))
-    print(f"  UFR&F {res['params']['ufrf'] / 1e6:.3f} M (budget 0.95 M; paper 0.948 M)")
+    experts = UniFuse(cfg.replace(alsn="experts")).num_params()["ufrf"] if cfg.alsn != "experts" else res["params"]["ufrf"]
+    res["params_ufrf_experts"] = experts
 
     t0 = time.perf_counter()
     fl = count_flops(cfg, min(args.flops_count_size, args.flops_size), args.flops_device)
@@ -197,8 +196,20 @@ def main(argv=None):
     how = f"FlopCounterMode on the {args.flops_device} device at {fl['size']}³"
     if scale != 1: how += f", scaled ×{scale:g} by voxel count to {args.flops_size}³"
     G = lambda x: round(x * scale / 1e9, 2)
-    print(f"\nFLOPs of one {args.flops_size}³ pair ({how}; multiply-add = 2): {G(fl['total'])} G (paper: 395 G)")
-    for k, v in fl["table"].items(): print(f"  {k:34s} {G(v):9.2f} G")
+    P = res["params"]
+    part = {"DAPL": ("dapl.encoder", "dapl (rest)"), "OUFR": ("oufr",), "FA": ("fa",), "UFR&F": ("ufrf",)}
+    pkey = {"DAPL": "dapl", "OUFR": "oufr", "FA": "fa", "UFR&F": "ufrf"}
+    paper = {"UFR&F": "0.948 M (2.986 M with multi-experts)", "total": "395 G FLOPs at 256³"}
+    print(f"\nOne {args.flops_size}³ pair, {args.config} preset ({how}; a multiply-add counts 2 FLOPs, "
+          f"as FlopCounterMode does;\nmany papers in this field report multiply-adds under the name FLOPs, "
+          f"so the multiply-add column is given beside it)")
+    print(f"  {'part':8s} {'parameters':>12s} {'GFLOPs':>9s} {'G mult-adds':>12s}   paper")
+    for k, keys in part.items():
+        f = sum(fl["table"][x] for x in keys)
+        print(f"  {k:8s} {P[pkey[k]]:12,d} {G(f):9.2f} {G(f) / 2:12.2f}   {paper.get(k, '—')}")
+    print(f"  {'total':8s} {P['total']:12,d} {G(fl['total']):9.2f} {G(fl['total']) / 2:12.2f}   {paper['total']}")
+    print(f"  UFR&F with multi-expert BaseNets: {experts:,} parameters; ALSN saves {100 * (1 - P['ufrf'] / experts):.2f}% "
+          f"(paper: 68.22%)")
     print("  detail:")
     for k, v in sorted(fl["detail"].items()): print(f"    {k:45s} {G(v):9.2f} G")
     res["flops"] = dict(size=args.flops_size, method=how, total_G=G(fl["total"]),

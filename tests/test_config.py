@@ -55,3 +55,13 @@ def test_random_configs_build_or_are_refused_up_front():
         assert out["fused"].shape == (1, 1, 12, 12, 12) and torch.isfinite(out["fused"]).all(), kw
         built += 1
     assert built >= 8 and refused >= 2, (built, refused)
+
+
+def test_paper_preset_costs_the_papers_flops():
+    "The forward of one 256³ pair within 5% of the paper's 395 GFLOPs, counted exactly on `meta` (multiply-add = 2)."
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = UniFuse(UniFuseConfig()).eval()
+        x = torch.empty(1, 1, 256, 256, 256)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc: model(x, x)
+    assert abs(fc.get_total_flops() / 395e9 - 1) < 0.05, fc.get_total_flops() / 1e9

@@ -132,3 +132,39 @@ def test_single_sample_batches():
     dapl.eval()
     with torch.no_grad():
         assert torch.isfinite(dapl(x, x)["probs"]).all()
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_probs_do_not_depend_on_the_batch(train_mode):
+    "p drives the prompts and the LoRA mixing: the same input gives the same p whatever its batch-mates, in train and eval mode."
+    from unifuse.model import UniFuse, UniFuseConfig
+    torch.manual_seed(0)
+    model = UniFuse(UniFuseConfig.tiny())
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 1, 16, 16, 16, generator=g)
+    with torch.no_grad(): model(torch.rand(4, 1, 16, 16, 16, generator=g), torch.rand(4, 1, 16, 16, 16, generator=g))
+    assert bool(model.dapl.reader.norm.initialised)                          # the read-out's one-time set-up
+    model.train(train_mode)
+    with torch.no_grad():
+        alone = model(x[:1], x[1:2])["probs"]
+        for mates in (x[2:4], x[3:5], x[[4, 2, 3]]):
+            both = model(torch.cat([x[:1], mates[:, :, :, :, :]]), torch.cat([x[1:2], mates.flip(0)]))["probs"][:1]
+            torch.testing.assert_close(both, alone, atol=1e-5, rtol=0)
+
+
+def test_loss_leaves_no_statistics_behind():
+    "A training step's second DAPL pass (the clean pair of L_moda) must not change what evaluation sees."
+    from unifuse.model import UniFuse, UniFuseConfig
+    from unifuse.degrade import make_batch
+    torch.manual_seed(0)
+    model = UniFuse(UniFuseConfig.tiny())
+    x = torch.rand(4, 1, 16, 16, 16)
+    with torch.no_grad(): model.loss(make_batch(x[:2], x[2:], "mri", generator=0))   # first training batch: set-up
+    model.eval()
+    with torch.no_grad(): before = model(x[:1], x[2:3])["probs"]
+    model.train()
+    with torch.no_grad(): model.loss(make_batch(x[2:], x[:2], ["ct", "pet"], generator=1))
+    model.eval()
+    with torch.no_grad(): after = model(x[:1], x[2:3])["probs"]
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    assert not [n for n, _ in model.named_buffers() if "running" in n], "batch statistics in the model"

@@ -16,8 +16,8 @@ from .config import UniFuseConfig
 from .ssm import MambaBlock
 
 # %% auto #0
-__all__ = ['SharedEncoder', 'to_tokens', 'to_volume', 'PatchEmbed', 'token_orders', 'StateReader', 'DegradationClassifier',
-           'PromptSelector', 'l_ce', 'DAPL']
+__all__ = ['SharedEncoder', 'to_tokens', 'to_volume', 'PatchEmbed', 'token_orders', 'ActNorm', 'StateReader',
+           'DegradationClassifier', 'PromptSelector', 'l_ce', 'DAPL']
 
 # %% ../nbs/10_dapl.ipynb #e018bc1f
 def _cl(x:Tensor) -> Tensor:
@@ -90,20 +90,39 @@ def token_orders(n:int # N: number of tokens
 def _mlp(d_in, d_hidden, d_out):
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
+class ActNorm(nn.Module):
+    "Per-feature shift and scale, (z + loc) · exp(log_scale): parameters set from the first training batch of ≥ 2 samples, then learned."
+    def __init__(self, n:int, # features
+                 eps:float=1e-6):
+        super().__init__()
+        self.loc, self.log_scale, self.eps = nn.Parameter(torch.zeros(n)), nn.Parameter(torch.zeros(n)), eps
+        self.register_buffer("initialised", torch.tensor(False))      # saved with the weights: set once
+
+    @torch.no_grad()
+    def _initialise(self, z:Tensor):
+        "Standardise the features of this batch: loc = −mean, scale = 1/std (averaged over DDP processes)."
+        m, m2 = z.mean(0), z.pow(2).mean(0)
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            mm = torch.stack([m, m2]); dist.all_reduce(mm); m, m2 = mm / dist.get_world_size()
+        std = (m2 - m * m).clamp_min(0).sqrt()
+        self.loc.copy_(-m); self.log_scale.copy_(-torch.log(std + self.eps)); self.initialised.fill_(True)
+
+    def forward(self, z:Tensor # (B, n)
+               ) -> Tensor:    # (B, n)
+        if self.training and z.shape[0] >= 2 and not z.is_meta and not bool(self.initialised): self._initialise(z)
+        return (z + self.loc) * self.log_scale.exp()
+
 class StateReader(nn.Module):
-    "h₁, h₂, h₃ (each (B, d_inner, d_state)) → z (B, d_hidden): concatenated, standardised per feature, projected."
+    "h₁, h₂, h₃ (each (B, d_inner, d_state)) → z (B, d_hidden): concatenated, standardised per feature (ActNorm), projected."
     def __init__(self, d_inner:int, d_state:int, d_hidden:int=64, n_states:int=3):
         super().__init__()
-        self.norm = nn.BatchNorm1d(n_states * d_inner * d_state)
+        self.norm = ActNorm(n_states * d_inner * d_state)
         self.proj = nn.Sequential(nn.Linear(n_states * d_inner * d_state, d_hidden), nn.GELU())
     def forward(self, states:tuple # h₁, h₂, h₃: each (B, d_inner, d_state)
                ) -> Tensor:        # z: (B, d_hidden)
         z = torch.cat([h.flatten(1) for h in states], -1)           # (B, 3·d_inner·d_state)
-        n = self.norm
-        if self.training and z.shape[0] == 1:                        # one sample: no batch statistics
-            z = F.batch_norm(z, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
-        else: z = n(z)
-        return self.proj(z)
+        return self.proj(self.norm(z))
 
 class DegradationClassifier(nn.Module):
     "z → MLP → linear → logits over the Ñ degradation classes (softmax gives p)."

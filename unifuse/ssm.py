@@ -220,6 +220,7 @@ def _check(u, delta, A, B, C, D, z, delta_bias):
 def _default_chunk(u, N):
     "Steps per block: a block's (b, dim, T, N) state tensor of about 1 MiB on CPU (it stays in cache), up to 256 MiB on a GPU."
     per_step = u.shape[0] * u.shape[1] * N                                 # floats per time step
+    if u.is_meta: return u.shape[-1]                                       # no memory to save: one block, fewest ops
     budget = 2**26 if u.is_cuda else 2**18
     return int(max(16, min(u.shape[-1], budget // max(per_step, 1))))
 

@@ -17,7 +17,7 @@ from .fa import ChannelNorm, PromptMLP, ConvFFN
 from .colour import rgb_to_ycbcr, ycbcr_to_rgb, luma
 
 # %% auto #0
-__all__ = ['BaseNet', 'LoRANet', 'ALSN', 'UFRF', 'ssim3d', 'fusion_losses']
+__all__ = ['BaseNet', 'LoRANet', 'LoRABranches', 'ALSN', 'UFRF', 'ssim3d', 'fusion_losses']
 
 # %% ../nbs/40_ufrf.ipynb #bd288e59
 class BaseNet(nn.Module):
@@ -72,6 +72,32 @@ class LoRANet(nn.Module):
         return self.up(self.down(x) * s)                                    # A_j (s ⊙ B_j x)
 
 
+class LoRABranches(nn.Module):
+    "The Ñ LoRANets of one scale as one pair of convolutions: Σ_j p_j A_j (s_j ⊙ B_j x) = A (w ⊙ B x), w = s ⊙ p per rank channel."
+    def __init__(self, c:int, # channels
+                 rank:int, # r of each branch
+                 guide:int, # width of the guidance vector
+                 n:int, # Ñ: number of branches
+                ):
+        super().__init__()
+        self.rank, self.n = rank, n
+        self.down = nn.Conv3d(c, n * rank, 1, bias=False)                  # B_1 … B_Ñ stacked: c → Ñ·r
+        self.up = nn.Conv3d(n * rank, c, 1, bias=False)                    # A_1 … A_Ñ side by side: Ñ·r → c
+        self.scale = nn.Linear(guide, n * rank)                            # the per-sample scales s_j
+        nn.init.zeros_(self.up.weight)
+    def forward(self, x:Tensor, # (B, c, D, H, W), channel-normalised
+                g:Tensor, # (B, guide)
+                p:Tensor, # (B, Ñ) branch weights
+               ) -> Tensor: # Σ_j p_j R_j(x) (B, c, D, H, W)
+        w = (1 + self.scale(g)) * p.repeat_interleave(self.rank, 1)          # (B, Ñ·r): s_j ⊙ p_j
+        return self.up(self.down(x) * w[..., None, None, None])
+    def branch(self, j:int, x:Tensor, g:Tensor) -> Tensor:
+        "Branch j alone, R_j(x) = A_j (s_j ⊙ B_j x): what `forward` sums."
+        r = slice(j * self.rank, (j + 1) * self.rank)
+        s = 1 + self.scale(g)[:, r, None, None, None]                       # (B, r, 1, 1, 1)
+        return F.conv3d(F.conv3d(x, self.down.weight[r]) * s, self.up.weight[:, r])
+
+
 class ALSN(nn.Module):
     "Adaptive LoRA Synergistic Network (Eq. 7): BaseNet plus Ñ branches mixed by the class probabilities p."
     def __init__(self, c:int, # channels of the scale
@@ -88,9 +114,13 @@ class ALSN(nn.Module):
         self.mode, self.n_classes = mode, n_classes
         self.norm = ChannelNorm(c)
         self.base = BaseNet(c, heads, guide, ffn_expand)
-        if mode == "lora": self.branches = nn.ModuleList(LoRANet(c, rank, guide) for _ in range(n_classes))
-        elif mode == "experts": self.branches = nn.ModuleList(BaseNet(c, heads, guide, ffn_expand) for _ in range(n_classes))
-        else: self.branches = nn.ModuleList()
+        self.lora = LoRABranches(c, rank, guide, n_classes) if mode == "lora" else None
+        self.experts = nn.ModuleList(BaseNet(c, heads, guide, ffn_expand) for _ in range(n_classes)) if mode == "experts" else None
+
+    def branch(self, j:int, x:Tensor, g:Tensor) -> Tensor:
+        "R_ij(x): branch j of this scale on the normalised features `x` (none in mode 'none')."
+        if self.mode == "none": raise ValueError("ALSN: mode 'none' has no branches")
+        return self.lora.branch(j, x, g) if self.lora is not None else self.experts[j](x, g)
 
     def forward(self, f:Tensor, # F̃_i (B, c, D, H, W)
                 g:Tensor, # restoration guidance (B, guide)
@@ -98,8 +128,9 @@ class ALSN(nn.Module):
                ) -> Tensor: # F̃_{i,rf} (B, c, D, H, W)
         x = self.norm(f)
         out = f + self.base(x, g)                                           # F̃_i + B_i(F̃_i, P̂)
-        for j, branch in enumerate(self.branches):                          # + Σ_j p_j R_ij(F̃_i, P̂)
-            out = out + p[:, j, None, None, None, None] * branch(x, g)
+        if self.lora is not None: return out + self.lora(x, g, p)           # + Σ_j p_j R_ij(F̃_i, P̂), in one go
+        for j, expert in enumerate(self.experts or ()):                    # Multi-Experts: Σ_j p_j BaseNet_j
+            out = out + p[:, j, None, None, None, None] * expert(x, g)
         return out
 
 # %% ../nbs/40_ufrf.ipynb #67c76d0f
