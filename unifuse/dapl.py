@@ -93,20 +93,21 @@ def _mlp(d_in, d_hidden, d_out):
 class ActNorm(nn.Module):
     "Per-feature shift and scale, (z + loc) · exp(log_scale): parameters set from the first training batch of ≥ 2 samples, then learned."
     def __init__(self, n:int, # features
-                 eps:float=1e-6):
+                 eps:float=1e-5, # added to the variance (as in BatchNorm): near-constant features are not blown up
+                ):
         super().__init__()
         self.loc, self.log_scale, self.eps = nn.Parameter(torch.zeros(n)), nn.Parameter(torch.zeros(n)), eps
         self.register_buffer("initialised", torch.tensor(False))      # saved with the weights: set once
 
     @torch.no_grad()
     def _initialise(self, z:Tensor):
-        "Standardise the features of this batch: loc = −mean, scale = 1/std (averaged over DDP processes)."
+        "Standardise the features of this batch: loc = −mean, scale = 1/√(var + eps) (averaged over DDP processes)."
         m, m2 = z.mean(0), z.pow(2).mean(0)
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             mm = torch.stack([m, m2]); dist.all_reduce(mm); m, m2 = mm / dist.get_world_size()
-        std = (m2 - m * m).clamp_min(0).sqrt()
-        self.loc.copy_(-m); self.log_scale.copy_(-torch.log(std + self.eps)); self.initialised.fill_(True)
+        var = (m2 - m * m).clamp_min(0)
+        self.loc.copy_(-m); self.log_scale.copy_(-0.5 * torch.log(var + self.eps)); self.initialised.fill_(True)
 
     def forward(self, z:Tensor # (B, n)
                ) -> Tensor:    # (B, n)
