@@ -70,6 +70,16 @@ def csv_file(tmp, text, name="pairs.csv", encoding="utf-8"):
 def brats(tmp, n=2):
     return D.fake_tree(tmp / "brats", "brats2020", n=n, size=8)
 
+def no_ct(tmp):
+    root = D.fake_tree(tmp / "sr", "synthrad2023", n=1, size=8)
+    next(root.rglob("ct.nii.gz")).unlink()
+    return root
+
+def no_pet(tmp):
+    root = D.fake_tree(tmp / "pc", "petct", n=2, size=8)
+    for f in list(root.rglob("SUV.nii.gz")) + list(root.rglob("PET.nii.gz")): f.unlink(); break
+    return root
+
 def split_file(tmp):
     "A BraTS tree whose split file was drawn with sizes (1, 1)."
     root = brats(tmp); f = tmp / "split.json"
@@ -167,6 +177,10 @@ DATA = [
          ValueError, ("split.json", "seed=0", "seed=None")),
     Case("BraTS2020: split file, sizes=None", lambda t: len(D.BraTS2020(split_file(t)[0], split="test", split_file=t / "split.json")),
          check=lambda n: n == 1),
+    Case("SynthRAD2023: a subject without ct", lambda t: D.SynthRAD2023(no_ct(t)), FileNotFoundError, ("1BA001", "no ct.nii.gz")),
+    Case("PETCT: a study without PET", lambda t: D.PETCT(no_pet(t)), FileNotFoundError, ("CTres.nii.gz", "neither SUV.nii.gz nor PET.nii.gz")),
+    Case("read_csv_rows: missing file", lambda t: D.read_csv_rows(t / "no.csv"), FileNotFoundError, ("csv_path", "no such file")),
+    Case("read_csv_rows: header only", lambda t: D.read_csv_rows(csv_file(t, "\ufeffa, b\n")), ValueError, ("pairs.csv", r"header row \(a, b\)", "no data lines")),
     Case("CSVPairs: missing file", lambda t: D.CSVPairs(t / "no.csv"), FileNotFoundError, ("csv_path", "no such file")),
     Case("CSVPairs: header only", lambda t: D.CSVPairs(csv_file(t, "reference,other\n"), task="ct"), ValueError, ("pairs.csv", "no data lines")),
     Case("CSVPairs: empty file", lambda t: D.CSVPairs(csv_file(t, ""), task="ct"), ValueError, ("pairs.csv", "empty")),
@@ -235,6 +249,8 @@ METRICS = [
     Case("q_psnr: meta tensors", lambda t: M.q_psnr(META, META, META), TypeError, ("a is a meta tensor", "CPU or GPU")),
     Case("q_ssim: RGB fused is scored on Y", lambda t: M.q_ssim(A[None, None], B[None, None], F20[None, None].expand(1, 3, 20, 20, 20)),
          check=lambda v: torch.allclose(v, M.q_ssim(A[None, None], B[None, None], F20[None, None]))),
+    Case("q_scd: a NaN in a", lambda t: M.q_scd(with_nan(A), B, F20), ValueError, ("a contains 1 NaN", "finite")),
+    Case("q_viff: shapes differ", lambda t: M.q_viff(A, B[:, :-1], F20), ValueError, ("b", "shapes differ")),
     Case("ssim: volume below the window", lambda t: M.ssim(A[:8, :8, :8], B[:8, :8, :8]), ValueError, ("SSIM", "at least 11 voxels")),
     Case("q_vif: volume below the window", lambda t: M.q_vif(A[:10], B[:10], F20[:10]), ValueError, ("VIF", "at least 17 voxels")),
     Case("vif: complex values", lambda t: M.vif(A.to(torch.complex64), B), TypeError, ("ref", "real numbers")),
@@ -263,6 +279,18 @@ METRICS = [
 
 EVALUATE = [
     Case("restore: unknown task", lambda t: E.restore(A, "xray"), ValueError, ("task", "expected one of")),
+    Case("restore_tv: negative weight", lambda t: E.restore_tv(A, -0.1), ValueError, ("weight", ">= 0")),
+    Case("laplacian_pyramid: 3D tensor", lambda t: E.laplacian_pyramid(A, 3), ValueError, ("x", r"\(B, C, D, H, W\)")),
+    Case("laplacian_pyramid: 0 levels", lambda t: E.laplacian_pyramid(A[None, None], 0), ValueError, ("levels", "positive int")),
+    Case("builtin_cases: unknown task", lambda t: next(E.builtin_cases(["mri", "xray"])), ValueError, ("tasks", "one or more of")),
+    Case("builtin_cases: n 0", lambda t: next(E.builtin_cases("mri", n=0)), ValueError, ("n=0", "at least 1")),
+    Case("baseline_methods: unknown rule", lambda t: E.baseline_methods(["median"]), ValueError, ("rules", "median", "pyramid")),
+    Case("unifuse_method: not a model", lambda t: E.unifuse_method("model.pt"), TypeError, ("model", "torch.nn.Module")),
+    Case("evaluate: no methods", lambda t: E.evaluate([{}], {}), TypeError, ("methods", "baseline_methods")),
+    Case("evaluate: no cases", lambda t: E.evaluate([], E.baseline_methods()), ValueError, ("cases", "at least one")),
+    Case("summarise: rows without method", lambda t: E.summarise([{"Q_mse": 0.1}]), ValueError, ("rows", "'method'")),
+    Case("write_csv: no rows", lambda t: E.write_csv([], t / "x.csv"), ValueError, ("rows", "non-empty")),
+    Case("vif_scales: size 0", lambda t: E.vif_scales(0), ValueError, ("size", "positive int")),
     Case("restore: 2D", lambda t: E.restore(A[0], "mri"), ValueError, ("x must be one volume", r"\(D, H, W\)")),
     Case("restore: NaN", lambda t: E.restore(with_nan(A), "mri"), ValueError, ("x holds 1 NaN", "finite")),
     Case("register: two grids", lambda t: E.register(A, B[:-1]), ValueError, ("fixed", "moving", "one grid")),
@@ -286,6 +314,9 @@ def _used_out(tmp):
     (tmp / "ev").mkdir(); (tmp / "ev" / "fusion.md").write_text("old\n")
     (tmp / "ev" / "summary.json").write_text('{"meta": {}, "summary": []}')
 def _header_only(tmp): (tmp / "pairs.csv").write_text("reference,other,task\n")
+def _grey_model(tmp):
+    from unifuse.model import UniFuse, UniFuseConfig
+    UniFuse(UniFuseConfig.tiny()).save(tmp / "grey.pt")
 def _cuda_here(): return "this machine has CUDA" if torch.cuda.is_available() else None
 
 EVAL_CLI = [
@@ -301,19 +332,93 @@ EVAL_CLI = [
     Cli("unifuse-eval: --root is a file", E.main, ["--dataset", "brats2020", "--root", "{tmp}/results"], ("--dataset brats2020", "root", "is a file"), _a_file),
     Cli("unifuse-eval: --root with builtin", E.main, ["--root", "{tmp}"], ("--root", "--dataset")),
     Cli("unifuse-eval: header-only CSV", E.main, ["--dataset", "csv", "--root", "{tmp}/pairs.csv", "--size", "17"], ("pairs.csv", "no data lines"), _header_only),
-    Cli("unifuse-eval: --out names a file", E.main, ["--out", "{tmp}/results"], ("--out", "is a file")),
+    Cli("unifuse-eval: --out names a file", E.main, ["--out", "{tmp}/results"], ("--out", "is a file"), _a_file),
     Cli("unifuse-eval: --out under a file", E.main, ["--out", "{tmp}/results/ev"], ("--out", "is a file"), _a_file),
     Cli("unifuse-eval: --out holds an evaluation", E.main, ["--out", "{tmp}/ev"], ("--out", "earlier evaluation", "--overwrite"), _used_out),
     Cli("unifuse-eval: --device cuda without CUDA", E.main, ["--device", "cuda"], ("--device cuda", "CUDA is not available", "--device cpu"), skip=_cuda_here),
     Cli("unifuse-eval: --device bogus", E.main, ["--device", "gpu0"], ("--device gpu0", "expected e.g. cpu")),
     Cli("unifuse-eval: --checkpoint missing", E.main, ["--checkpoint", "{tmp}/none.pt"], ("--checkpoint", "none.pt", "no such file")),
+    Cli("unifuse-eval: --colour with a grey checkpoint", E.main, ["--checkpoint", "{tmp}/grey.pt", "--colour", "hot"],
+        ("--colour hot", "grey model", "colour=True"), _grey_model),
+    Cli("unifuse-eval: --colour not a colour map", E.main, ["--colour", "rainbowish"], ("--colour rainbowish", "colour map")),
     Cli("unifuse-eval: --checkpoint corrupt", E.main, ["--checkpoint", "{tmp}/model.pt"], ("--checkpoint", "model.pt", "could not be loaded"), _corrupt),
 ]
 
 # Rows for the modules and commands of other engineers go here (unifuse.model, unifuse.degrade, unifuse-train,
 # unifuse-fuse): Case rows for functions, Cli rows for commands.
-MODEL: list = []
-DEGRADE: list = []
+from unifuse.model import UniFuse, UniFuseConfig
+from unifuse.degrade import make_batch, DEFAULT_RANGES
+
+_TINY = {}
+def tiny():
+    "One tiny model for every row (built once)."
+    if "m" not in _TINY: torch.manual_seed(0); _TINY["m"] = UniFuse(UniFuseConfig.tiny()).eval()
+    return _TINY["m"]
+
+def t5(b=1, c=1, n=8, value=None):
+    "A (B, C, n, n, n) tensor in [0, 1]."
+    return torch.rand(b, c, n, n, n) if value is None else torch.full((b, c, n, n, n), float(value))
+
+def good_batch():
+    return make_batch(t5(1), t5(1), "mri", generator=0)
+
+def batch_with(key, value):
+    b = good_batch(); b[key] = value(b[key]); return b
+
+def saved(tmp, edit):
+    "A tiny checkpoint written by UniFuse.save, then edited by `edit(ckpt_dict)`."
+    path = tiny().save(tmp / "m.pt")
+    ck = torch.load(path, weights_only=True); edit(ck); torch.save(ck, path)
+    return path
+
+MODEL = [
+    Case("UniFuse: config not a UniFuseConfig", lambda t: UniFuse({"patch": 4}), TypeError, ("config", "UniFuseConfig")),
+    Case("UniFuseConfig: fa_heads do not divide fa_channels", lambda t: UniFuseConfig(fa_heads=3), ValueError, ("fa_heads", "divisible")),
+    Case("UniFuseConfig: unknown switch value", lambda t: UniFuseConfig(oufr="lstm"), ValueError, ("oufr", "one of")),
+    Case("UniFuseConfig: negative loss weight", lambda t: UniFuseConfig(loss_weights={"reg": -1}), ValueError, ("loss_weights", ">= 0")),
+    Case("UniFuseConfig.from_dict: unknown field", lambda t: UniFuseConfig.from_dict({"patchsize": 4}), ValueError, ("unknown fields", "patchsize")),
+    Case("UniFuse: ref without batch and channel axes", lambda t: tiny()(t5()[0, 0], t5()[0, 0]), ValueError, ("ref", r"\(B, 1, D, H, W\)", r"x\[None, None\]")),
+    Case("UniFuse: RGB deg for a grey model", lambda t: tiny()(t5(), t5(c=3)), ValueError, ("deg", r"\(B, 1, D, H, W\)", "colour=True")),
+    Case("UniFuse: empty batch", lambda t: tiny()(t5(b=0), t5(b=0)), ValueError, ("ref", "empty batch")),
+    Case("UniFuse: grids differ", lambda t: tiny()(t5(n=8), t5(n=12)), ValueError, ("same batch size and grid", "resample")),
+    Case("UniFuse: NaN voxel", lambda t: tiny()(t5(), with_nan(t5(), (0, 0, 1, 2, 3))), ValueError, ("deg", "NaN")),
+    Case("UniFuse: integer volume", lambda t: tiny()(t5().to(torch.uint8), t5().to(torch.uint8)), TypeError, ("ref", "floating")),
+    Case("UniFuse: numpy array", lambda t: tiny()(t5().numpy(), t5()), TypeError, ("ref", "torch.Tensor")),
+    Case("UniFuse: half-precision weights", lambda t: UniFuse(UniFuseConfig.tiny()).half()(t5(), t5()), TypeError, ("weights", "float16", "autocast")),
+    Case("UniFuse: intensities far outside [0, 1] warn", lambda t: tiny()(t5() * 1000, t5()), None, ("intensities", r"\[0, 1\]"),
+         check=lambda o: o["fused"].shape == (1, 1, 8, 8, 8), warns=UserWarning),
+    Case("UniFuse.loss: not a make_batch dict", lambda t: tiny().loss({"ref": t5()}), ValueError, ("batch", "make_batch")),
+    Case("UniFuse.loss: flow of the wrong grid", lambda t: tiny().loss(batch_with("flow", lambda f: f[..., :4])), ValueError, (r"batch\['flow'\]", r"\(1, 3, 8, 8, 8\)")),
+    Case("UniFuse.loss: NaN in deg_fine", lambda t: tiny().loss(batch_with("deg_fine", lambda x: with_nan(x, (0, 0, 1, 1, 1)))), ValueError, ("deg_fine", "NaN")),
+    Case("UniFuse.loss: NaN in flow", lambda t: tiny().loss(batch_with("flow", lambda x: with_nan(x, (0, 0, 1, 1, 1)))), ValueError, ("flow", "NaN")),
+    Case("UniFuse.loss: NaN in ref_moved", lambda t: tiny().loss(batch_with("ref_moved", lambda x: with_nan(x, (0, 0, 1, 1, 1)))), ValueError, ("ref_moved", "NaN")),
+    Case("UniFuse.loss: float labels", lambda t: tiny().loss(batch_with("label", lambda l: l.float())), TypeError, (r"batch\['label'\]", "long")),
+    Case("UniFuse.loss: clean label with 3 classes", lambda t: tiny().loss(batch_with("label", lambda l: torch.full_like(l, 3))), ValueError, ("label", "n_classes=4")),
+    Case("UniFuse.load: missing file", lambda t: UniFuse.load(t / "none.pt"), FileNotFoundError, ("UniFuse.load", "none.pt")),
+    Case("UniFuse.load: truncated file", lambda t: UniFuse.load(Path(csv_file(t, "half a checkpoint", "m.pt"))), ValueError, ("m.pt", "not a readable checkpoint")),
+    Case("UniFuse.load: a state_dict, not a checkpoint", lambda t: (torch.save(tiny().state_dict(), t / "sd.pt"), UniFuse.load(t / "sd.pt")), ValueError, ("sd.pt", "not a UniFuse checkpoint", "UniFuse.save")),
+    Case("UniFuse.load: no config", lambda t: UniFuse.load(saved(t, lambda c: c.pop("config"))), ValueError, ("m.pt", "no config")),
+    Case("UniFuse.load: unknown format_version", lambda t: UniFuse.load(saved(t, lambda c: c.update(format_version=99))), ValueError, ("format_version=99", "does not know")),
+    Case("UniFuse.load: weights of another config", lambda t: UniFuse.load(saved(t, lambda c: c.update(config=UniFuseConfig.tiny(embed_dim=8).to_dict()))), ValueError, ("m.pt", "do not fit")),
+    Case("UniFuse.load: map_location cuda without CUDA", lambda t: UniFuse.load(tiny().save(t / "m.pt"), map_location="cuda"), ValueError, ("map_location='cuda'", "no CUDA", "map_location='cpu'")),
+    Case("UniFuse.pretrained: unknown name", lambda t: UniFuse.pretrained("no-such-weights"), FileNotFoundError, ("no-such-weights", "available")),
+]
+DEGRADE = [
+    Case("make_batch: one volume without batch axes", lambda t: make_batch(t5()[0], t5()[0], "mri"), ValueError, ("ref", r"\(B, 1, D, H, W\)")),
+    Case("make_batch: unknown task", lambda t: make_batch(t5(), t5(), "xray"), ValueError, ("task", "xray", "expected one of")),
+    Case("make_batch: one task for two samples", lambda t: make_batch(t5(2), t5(2), ["mri"]), ValueError, ("task", "list of 2")),
+    Case("make_batch: empty batch", lambda t: make_batch(t5(0), t5(0), "mri"), ValueError, ("ref", "empty batch")),
+    Case("make_batch: meta tensors", lambda t: make_batch(t5().to("meta"), t5().to("meta"), "mri"), ValueError, ("meta", "real tensors")),
+    Case("make_batch: generator not a Generator", lambda t: make_batch(t5(), t5(), "mri", generator="42"), TypeError, ("generator", "torch.Generator")),
+    Case("make_batch: an int generator is a seed", lambda t: make_batch(t5(value=0.5), t5(value=0.5), "mri", generator=42)["flow"].shape, None, (),
+         check=lambda s: s == (1, 3, 8, 8, 8)),
+    Case("make_batch: NaN voxel", lambda t: make_batch(t5(), with_nan(t5(), (0, 0, 1, 1, 1)), "mri"), ValueError, ("other", "NaN")),
+    Case("make_batch: intensities in HU", lambda t: make_batch(t5() * 1000, t5(), "ct"), ValueError, ("intensities", r"\[0, 1\]")),
+    Case("make_batch: ranges not a Ranges", lambda t: make_batch(t5(), t5(), "mri", ranges={"rotation_deg": 5}), TypeError, ("ranges", "Ranges")),
+    Case("make_batch: colour not a map name", lambda t: make_batch(t5(), t5(), "pet", colour=1), TypeError, ("colour", "colour map")),
+    Case("make_batch: unknown colour map", lambda t: make_batch(t5(), t5(), "pet", colour="no-such-map"), ValueError, ("colour map", "no-such-map")),
+    Case("make_batch: strength out of range", lambda t: make_batch(t5(), t5(), "mri", strength=1.5), ValueError, ("strength", r"\[0, 1\]")),
+]
 TRAIN: list = []
 FUSE: list = []
 

@@ -22,11 +22,12 @@ from .fa import FA, reg_loss
 from .ufrf import UFRF, fusion_losses
 from .colour import luma, rgb_to_ycbcr
 
-_all_ = ["UniFuseConfig"]
-def _weights_dir() -> Path: return Path(unifuse.__file__).parent / "weights"                                                   # re-exported: one import for users
+_all_ = ["UniFuseConfig"]                                                   # re-exported: one import for users
+FORMAT_VERSIONS = (1,)                                                      # checkpoint layouts this version reads
+def _weights_dir() -> Path: return Path(unifuse.__file__).parent / "weights"
 
 # %% auto #0
-__all__ = ['pad_to_multiple', 'crop_to', 'UniFuse', 'UniFuseConfig']
+__all__ = ['FORMAT_VERSIONS', 'pad_to_multiple', 'crop_to', 'UniFuse', 'UniFuseConfig']
 
 # %% ../nbs/50_model.ipynb #fa1c05c3
 def pad_to_multiple(x:Tensor, # (B, C, D, H, W)
@@ -85,7 +86,12 @@ class UniFuse(nn.Module):
         if ref.shape[0] != deg.shape[0] or ref.shape[2:] != deg.shape[2:]:
             raise ValueError(f"UniFuse: `ref` and `deg` must have the same batch size and grid (resample one onto the other's "
                              f"grid), got {tuple(ref.shape)} and {tuple(deg.shape)}")
-        dev = next(self.parameters()).device
+        p = next(self.parameters())
+        dev = p.device
+        if p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"UniFuse: the model's weights are {p.dtype}; UniFuse keeps its weights in float32 (or float64). "
+                            f"For half precision keep float32 weights and run under torch.autocast(device_type="
+                            f"{dev.type!r}, dtype=torch.bfloat16)")
         if ref.device != dev or deg.device != dev:
             raise ValueError(f"UniFuse: inputs are on {ref.device}/{deg.device} but the model is on {dev}; "
                              f"move them with .to({str(dev)!r})")
@@ -180,7 +186,7 @@ class UniFuse(nn.Module):
     def checkpoint(self, meta:dict|None=None, # plain-Python facts to keep beside the weights (spacing trained at, steps, ...)
                   ) -> dict: # what `save` writes; training checkpoints add their own keys to it
         "The checkpoint dict: format, version, config, weights (on the CPU) and `meta`."
-        return dict(format="unifuse-model", format_version=1, unifuse_version=unifuse.__version__,
+        return dict(format="unifuse-model", format_version=FORMAT_VERSIONS[-1], unifuse_version=unifuse.__version__,
                     config=self.cfg.to_dict(), state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()},
                     meta={**self.meta, **(meta or {})})
 
@@ -216,7 +222,11 @@ class UniFuse(nn.Module):
         "Rebuild a model from `UniFuse.save`'s file (tensors read with `weights_only=True`)."
         path = Path(path)
         if not path.is_file(): raise FileNotFoundError(f"UniFuse.load: no file at {path}")
-        try: ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        dev = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+        if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"UniFuse.load: map_location={str(map_location)!r} but this machine has no CUDA GPU; "
+                             f"load with map_location='cpu'")
+        try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"UniFuse.load: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                              f"the file is truncated, corrupt, or was not written by UniFuse.save") from e
@@ -224,10 +234,18 @@ class UniFuse(nn.Module):
             keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
             raise ValueError(f"UniFuse.load: {path} is not a UniFuse checkpoint (expected a dict with "
                              f"format='unifuse-model', found {keys}); write checkpoints with UniFuse.save")
+        if ckpt.get("format_version") not in FORMAT_VERSIONS:
+            raise ValueError(f"UniFuse.load: {path} has format_version={ckpt.get('format_version')!r}, which this unifuse "
+                             f"({unifuse.__version__}) does not know (it reads {FORMAT_VERSIONS}); it was written by unifuse "
+                             f"{ckpt.get('unifuse_version')}: install that version or a newer unifuse")
+        missing = [k for k in ("config", "state_dict") if not isinstance(ckpt.get(k), dict)]
+        if missing:
+            raise ValueError(f"UniFuse.load: {path} has no {' and no '.join(missing)} (a UniFuse checkpoint holds both); "
+                             f"the file was not written by UniFuse.save")
         model = cls(UniFuseConfig.from_dict(ckpt["config"]))
         try: model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as e:
             raise ValueError(f"UniFuse.load: the weights in {path} do not fit the model its config builds "
                              f"(written by unifuse {ckpt.get('unifuse_version')}): {str(e)[:300]}") from e
         model.meta = dict(ckpt.get("meta") or {})
-        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+        return model.to(dev) if dev is not None else model
