@@ -652,8 +652,18 @@ def resample_to(vol, # (D, H, W) tensor or array on the grid `affine`
     dtype = arr.dtype if order == 0 else np.float32
     img = nib.Nifti1Image(arr.astype(np.float32) if order else _nifti_array(arr), aff)
     cval = float(arr.min()) if cval is None else float(cval)
-    out = resample_from_to(img, (shape, taff), order=order, mode="constant", cval=cval)
-    return _like(np.asarray(out.dataobj).astype(dtype, copy=False), vol)
+    # sample with the edge value, then put `cval` only where the target voxel centre lies more than half a voxel
+    # outside `vol`: with oblique affines, round-off puts boundary centres a hair outside the grid, and a plain
+    # mode="constant" would replace whole boundary faces with `cval`
+    out = np.asarray(resample_from_to(img, (shape, taff), order=order, mode="nearest").dataobj)
+    m = np.linalg.inv(aff) @ taff                                          # target voxel -> source voxel
+    outside = np.zeros(shape, bool)
+    for ax in range(3):                                                     # source coordinate along each axis
+        c = sum(m[ax, j] * np.arange(shape[j], dtype=np.float64).reshape([-1 if k == j else 1 for k in range(3)])
+                for j in range(3)) + m[ax, 3]
+        outside |= (c < -0.5) | (c > arr.shape[ax] - 0.5)
+    out = np.where(outside, cval, out)
+    return _like(out.astype(dtype, copy=False), vol)
 
 def resample_pair(ref, # reference volume (D, H, W): its grid is kept
                   ref_affine, # (4, 4) voxel -> world of `ref`
