@@ -234,3 +234,19 @@ def test_colour_outputs_are_scored_on_luma():
     md = E.markdown_table(s, ("Q_ssim",))
     assert "| c ᶜ |" in md and "| g |" in md and "Y channel" in md
     with pytest.raises(ValueError, match="grey .* or RGB"): E.score_case(case, torch.zeros(2, 24, 24, 24))
+
+
+@pytest.mark.slow
+def test_cli_colour_pet_scored_on_y(tmp_path):
+    from unifuse.model import UniFuse, UniFuseConfig
+    torch.manual_seed(0)
+    ck = UniFuse(UniFuseConfig.tiny().replace(colour=True)).save(tmp_path / "colour.pt")
+    out = tmp_path / "ev"
+    assert E.main(["--checkpoint", str(ck), "--tasks", "pet", "--n", "1", "--size", "17", "--fusion", "average",
+                   "--colour", "hot", "--out", str(out), "--quiet"]) == 0
+    fus = {r["method"]: r for r in _csv(out / "fusion.csv")}
+    assert fus["UniFuse"]["colour"] == "True" and fus["TV + Rigid + Average"]["colour"] == ""   # the baseline fuses Y
+    md = (out / "fusion.md").read_text()
+    assert "| UniFuse ᶜ |" in md and "Y channel (BT.601 luma)" in md
+    assert json.loads((out / "summary.json").read_text())["meta"]["colour"] == "hot"
+    assert all(math.isfinite(float(r["Q_ssim"])) for r in _csv(out / "cases.csv"))

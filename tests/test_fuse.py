@@ -180,7 +180,7 @@ def test_intensities_auto():
     np.testing.assert_allclose(fz.normalise_input(ct, "CT")[0], ct)        # a scaled CT is not windowed again
     with pytest.warns(fz.FuseWarning, match="intercept"): fz.normalise_input(hu + 1024, "CT")
     with pytest.warns(fz.FuseWarning, match="looks like a CT"): fz.normalise_input(hu, "MRI-T2")
-    with pytest.warns(fz.FuseWarning, match="clipped"): out, _ = fz.normalise_input(hu, "PET", how="none")
+    with pytest.warns(fz.FuseWarning, match="clipped"): out, _ = fz.normalise_input(np.linspace(0, 3, 64).reshape(4, 4, 4), "PET", how="none")
     assert out.min() == 0 and out.max() == 1
     pet, note = fz.normalise_input(np.linspace(0, 12, 1000).reshape(10, 10, 10), "PET")
     assert "percentiles" in note and pet.min() == 0 and pet.max() == 1
@@ -237,8 +237,10 @@ def test_read_pairs_excel_csv(tmp_path):
 
 
 def test_python_api_summary(files, tmp_path):
-    s = fz.fuse_files(files / "t1.nii.gz", files / "t2.nii.gz", tmp_path / "f.nii.gz", "mri",
-                      model=UniFuse.load(files / "tiny.pt"), aligned_path=tmp_path / "al.nii.gz")
+    with pytest.warns(fz.FuseWarning, match="the model"):                   # random weights: not the class of the task
+        s = fz.fuse_files(files / "t1.nii.gz", files / "t2.nii.gz", tmp_path / "f.nii.gz", "mri",
+                          model=UniFuse.load(files / "tiny.pt"), aligned_path=tmp_path / "al.nii.gz")
+    assert s["warnings"] and all("the model" in w for w in s["warnings"])
     for k in ("fused", "aligned", "predicted", "probability", "folding_percent", "spacing_mm", "notes", "warnings", "seconds"):
         assert k in s
     assert Path(s["aligned"]).exists() and s["flow"] == ""
@@ -346,3 +348,16 @@ def test_real_process_exit_status(files, tmp_path):
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope.nii.gz" in r.stderr, r.stderr
     assert not (tmp_path / "f.nii.gz").exists()
+
+
+def test_training_checkpoint_and_folding_in_slabs(files, tmp_path, capsys):
+    "A training checkpoint (the save dict plus the trainer's keys) fuses like a UniFuse.save file; slabs = whole."
+    m = UniFuse.load(files / "tiny.pt")
+    opt = torch.optim.AdamW(m.parameters())
+    torch.save({**m.checkpoint({"spacing_mm": 224 / S}), "step": 7, "optimizer": opt.state_dict()}, tmp_path / "train.pt")
+    rc, out, err = run([files / "t1.nii.gz", files / "t2.nii.gz", "-o", tmp_path / "f.nii.gz", "--task", "mri",
+                        "--checkpoint", tmp_path / "train.pt", "--device", "cpu"], capsys)
+    assert rc == 0 and "matches the model's" in out
+    from unifuse.metrics import folding_fraction
+    u = torch.randn(2, 3, 9, 7, 5)
+    assert abs(fz.folding(u, voxels=35) - float(folding_fraction(u).mean())) < 1e-12

@@ -42,6 +42,8 @@ def restore_tv(vol, # (D, H, W) degraded volume in [0, 1]
               ) -> np.ndarray:
     "Total-variation (Chambolle) denoising in 3D, clipped to [0, 1]."
     from skimage.restoration import denoise_tv_chambolle
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight={weight!r}: expected a denoising weight >= 0 (0: none)")
     v = _np3(vol)
     return np.clip(denoise_tv_chambolle(v, weight=weight) if weight > 0 else v, 0, 1)
 
@@ -120,6 +122,8 @@ def _blur(x:torch.Tensor) -> torch.Tensor:
 def laplacian_pyramid(x:torch.Tensor, # (B, C, D, H, W)
                       levels:int) -> list[torch.Tensor]:
     "Detail levels (fine to coarse) followed by the coarsest Gaussian level."
+    if not isinstance(x, torch.Tensor) or x.ndim != 5: raise ValueError(f"x: expected a (B, C, D, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(levels, int) or levels < 1: raise ValueError(f"levels={levels!r}: expected a positive int")
     out = []
     for _ in range(levels - 1):
         low = F.avg_pool3d(_blur(x), 2, ceil_mode=True)                           # (B, C, D/2, H/2, W/2)
@@ -182,14 +186,16 @@ def staged_baseline(ref, # (D, H, W) reference I_R in [0, 1]
 # %% ../nbs/65_evaluate.ipynb #adeb6b75
 def make_case(pair:dict, # a clean aligned pair: `ref`, `other` (1, D, H, W), `labels`, `task` (as `builtin_pair` gives)
               seed:int=0, # degradation and misalignment seed
-              device="cpu") -> dict:
+              device="cpu",
+              colour:str|None=None, # a colour map (e.g. "hot"): PET cases in colour (RGB `deg`, `deg_label`, `deg_fine`)
+             ) -> dict:
     "One evaluation case from a clean aligned pair: inputs, clean targets, true flow, labels."
     from unifuse.degrade import make_batch
     missing = [k for k in ("ref", "other", "task") if k not in pair]
     if missing: raise ValueError(f"pair: expected a dict with 'ref', 'other' and 'task' (as builtin_pair gives); missing {missing}")
     g = torch.Generator(device=device).manual_seed(int(seed))
     ref = pair["ref"][None].float().to(device); other = pair["other"][None].float().to(device)   # (1, 1, D, H, W)
-    b = make_batch(ref, other, pair["task"], generator=g)
+    b = make_batch(ref, other, pair["task"], generator=g, colour=colour if pair["task"] == "pet" else None)
     case = {k: b[k] for k in ("ref", "deg", "deg_label", "deg_fine", "flow")}
     case.update(task=pair["task"], id=str(pair.get("id", f"{pair['task']}-{seed}")),
                 labels=torch.as_tensor(pair["labels"]).to(device) if pair.get("labels") is not None else None)
@@ -199,13 +205,19 @@ def builtin_cases(tasks=("mri", "ct", "pet"), # tasks, each gets `n` cases
                   n:int=2, # cases per task
                   size:int=48, # voxels per side
                   seed:int=1, # built-in seed block (training uses block 0)
-                  device="cpu"):
+                  device="cpu",
+                  colour:str|None=None, # a colour map: PET cases in colour (see `make_case`)
+                 ):
     "Evaluation cases from the built-in heads: a generator of `make_case` dicts."
-    from unifuse.data import builtin_pair
+    from unifuse.data import builtin_pair, TASKS
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks: raise ValueError(f"tasks={tasks!r}: expected one or more of {tuple(TASKS)}")
+    if not isinstance(n, int) or n < 1: raise ValueError(f"n={n!r}: expected at least 1 case per task")
     for t, task in enumerate(tasks):
         for i in range(n):
             s = seed * 100_000 + 50_000 + 1000 * t + i                          # a different head per case
-            yield make_case(builtin_pair(task, seed=s, size=size), seed=s, device=device)
+            yield make_case(builtin_pair(task, seed=s, size=size), seed=s, device=device, colour=colour)
 
 # %% ../nbs/65_evaluate.ipynb #ef619f11
 def _grey(x, shape, name="fused") -> tuple[torch.Tensor, bool]:
@@ -245,6 +257,9 @@ def score_case(case:dict, fused, flow=None) -> dict:
 # %% ../nbs/65_evaluate.ipynb #593af52c
 def baseline_methods(rules=FUSION_RULES, deformable:bool=False) -> dict:
     "Name -> method callables for the staged baseline (one per fusion rule) and the unprocessed floor."
+    rules = [rules] if isinstance(rules, str) else list(rules)
+    bad = [r for r in rules if r not in FUSION_RULES]
+    if bad: raise ValueError(f"rules: {bad} are not fusion rules; expected some of {FUSION_RULES}")
     cache = {}
     def run(case):
         if cache.get("id") != id(case):
@@ -266,6 +281,7 @@ def baseline_methods(rules=FUSION_RULES, deformable:bool=False) -> dict:
 
 def unifuse_method(model, device="cpu"):
     "A method callable running a `UniFuse` model: `model(ref, deg)['fused']` and `['flow']`."
+    if not isinstance(model, torch.nn.Module): raise TypeError(f"model: expected a UniFuse model (torch.nn.Module), got {type(model).__name__}")
     model = model.to(device).eval()
     def m(case):
         ref, deg = case["ref"].to(device), case["deg"].to(device)
@@ -288,8 +304,11 @@ def evaluate(cases, # iterable of `make_case` dicts
              params:dict|None=None, # name -> number of parameters
              progress:bool=True) -> dict:
     "Run and score every method on every case: dict `cases` (list of rows), `summary` (rows per method), `examples`."
+    if not isinstance(methods, dict) or not methods or not all(callable(m) for m in methods.values()):
+        raise TypeError(f"methods: expected a non-empty dict of name -> callable(case) (e.g. baseline_methods()), got {type(methods).__name__}")
     rows, examples = [], {}
     cases = list(cases) if not hasattr(cases, "__len__") else cases
+    if not len(cases): raise ValueError("cases: expected at least one case (e.g. builtin_cases(...))")
     for case in tqdm(cases, desc="cases", disable=not progress):
         ex = {"ref": case["ref"].cpu(), "deg": case["deg"].cpu(), "deg_label": case["deg_label"].cpu(), "fused": {}}
         for name, method in methods.items():
@@ -304,6 +323,8 @@ def evaluate(cases, # iterable of `make_case` dicts
 def summarise(rows:list, flops:dict|None=None, params:dict|None=None) -> list:
     "One row per method (in first-seen order): n, mean and std of every metric and of the time."
     flops, params = flops or {}, params or {}
+    if not all(isinstance(r, dict) and "method" in r for r in rows):
+        raise ValueError("rows: expected dicts with a 'method' key (as evaluate's 'cases' holds)")
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == name]
@@ -354,6 +375,7 @@ def markdown_table(summary:list, cols, title:str="") -> str:
 
 def write_csv(rows:list, path) -> Path:
     "Rows (dicts) to a CSV file, columns in first-seen order; written atomically."
+    if not rows or not all(isinstance(r, dict) for r in rows): raise ValueError("rows: expected a non-empty list of dicts")
     cols = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols); w.writeheader()
@@ -408,6 +430,7 @@ MIN_SIZE = 17  # the largest VIF window: smaller volumes cannot be scored
 
 def vif_scales(size:int) -> int:
     "How many of VIF's four scales (windows 17, 9, 5, 3, halving between them) fit a volume of `size` voxels per side."
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1: raise ValueError(f"size={size!r}: expected a positive int (voxels per side)")
     n_used = 0
     for scale, n in enumerate((17, 9, 5, 3), start=1):
         if scale > 1:
@@ -443,6 +466,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="baseline registration: 'rigid' (default) or 'bspline' (rigid, then a bounded B-spline; slower, "
                         "and unregularised mutual information can overfit)")
     p.add_argument("--no-baseline", action="store_true", help="evaluate the checkpoint only")
+    p.add_argument("--colour", default=None, metavar="CMAP", help="render PET through this colour map (e.g. hot) and fuse "
+                   "it in colour (needs a colour checkpoint, or the baseline alone); scores on Y")
     p.add_argument("--device", default="cpu", help="device for the model and the cases (default cpu)")
     p.add_argument("--out", type=Path, default=Path("unifuse-eval"), help="output folder (default ./unifuse-eval)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out, whole")
@@ -457,13 +482,15 @@ def reader_cases(name:str, # a key of `READERS`: "brats2020", "synthrad2023", "p
                  size=48, # resample every pair onto this grid (int or (D, H, W)); None: native grid
                  split:str="test", # "test", "train" or "all" (the reader's seeded split)
                  split_seed:int|None=None, # the split's seed (None: the split file's, as training wrote it)
-                 device="cpu"):
+                 device="cpu",
+                 colour:str|None=None, # a colour map: PET cases in colour (see `make_case`)
+                ):
     "Evaluation cases from one of `unifuse.data`'s readers: a generator of `make_case` dicts (no tissue labels: Dice is NaN)."
     import unifuse.data as data
     if name not in READERS: raise ValueError(f"dataset {name!r}: expected 'builtin' or one of {list(READERS)}")
     ds = getattr(data, READERS[name])(root, split=split, size=size, seed=split_seed)
     for i in range(min(n, len(ds))):
-        yield make_case(ds[i], seed=i, device=device)
+        yield make_case(ds[i], seed=i, device=device, colour=colour)
 
 def _is_evaluation(folder:Path) -> bool:
     "Whether `folder` holds an evaluation written by `unifuse-eval` (its summary.json)."
@@ -474,9 +501,10 @@ def _is_evaluation(folder:Path) -> bool:
 def _check_out(out:Path, overwrite:bool):
     "Refuse an --out that names a file, or a used folder without --overwrite (or one that is not an evaluation)."
     if out.exists() and not out.is_dir(): _fail(f"--out {out}: is a file; expected a folder for the evaluation's outputs")
-    for parent in out.parents:
+    for parent in out.absolute().parents:
         if parent.exists():
             if not parent.is_dir(): _fail(f"--out {out}: {parent} is a file, so no folder can be made under it")
+            if not os.access(parent, os.W_OK | os.X_OK): _fail(f"--out {out}: {parent} is not writable; choose another --out")
             break
     if out.is_dir() and any(out.iterdir()):
         if not _is_evaluation(out):
@@ -552,9 +580,15 @@ def main(argv=None) -> int:
         if not args.checkpoint.is_file(): _fail(f"--checkpoint {args.checkpoint}: no such file")
         try: model = _load_model(args.checkpoint, device)
         except Exception as e: _fail(f"--checkpoint {args.checkpoint}: could not be loaded ({e})".replace("\n", " "))
+        if args.colour is not None and not getattr(model.cfg, "colour", False):
+            _fail(f"--colour {args.colour}: {args.checkpoint} holds a grey model; colour PET needs one trained with UniFuseConfig(colour=True)")
+    if args.colour is not None:
+        from unifuse.colour import colourise
+        try: colourise(torch.zeros(1, 1, 2), args.colour)
+        except ValueError: _fail(f"--colour {args.colour}: not a matplotlib colour map; expected e.g. hot, inferno or magma")
     try:
-        if args.dataset == "builtin": cases = list(builtin_cases(args.tasks, args.n, args.size, args.seed, device))
-        else: cases = list(reader_cases(args.dataset, args.root, args.n, args.size, args.split, device=device))
+        if args.dataset == "builtin": cases = list(builtin_cases(args.tasks, args.n, args.size, args.seed, device, args.colour))
+        else: cases = list(reader_cases(args.dataset, args.root, args.n, args.size, args.split, device=device, colour=args.colour))
     except (ValueError, TypeError, OSError) as e: _fail(f"--dataset {args.dataset}: {e}".replace("\n", " "))
     if not cases: _fail(f"--dataset {args.dataset}: the {args.split!r} split of {args.root} holds no subjects; try --split all")
     if args.checkpoint is not None:
@@ -572,7 +606,7 @@ def main(argv=None) -> int:
         res = evaluate(cases, methods, flops, params, progress=not args.quiet)
     meta = {"dataset": args.dataset, "tasks": args.tasks, "cases": len(cases), "size": args.size,
             "checkpoint": str(args.checkpoint) if args.checkpoint else None, "methods": list(methods),
-            "registration": args.registration, "device": str(device), "vif_scales": scales}
+            "registration": args.registration, "device": str(device), "vif_scales": scales, "colour": args.colour}
     made = [q for q in [args.out.parent, *args.out.parent.parents] if not q.exists()]   # parents we create
     tmp = None
     try:

@@ -18,15 +18,14 @@ from .data import TASKS, CT_WINDOW, load_nifti, to_canonical, normalize, resampl
 from .degrade import CLASSES, TASKS as DEGRADATION
 from .colour import colourise, PET_CMAP
 from .files import atomic_path
-from .metrics import folding_fraction
-from .spatial import warp, resize_flow
+from .spatial import warp, resize_flow, jacobian_det
 from .model import UniFuse
 
 # %% auto #0
 __all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'SUMMARY_COLUMNS', 'FuseWarning', 'normalise_input', 'from_canonical',
            'spacing_of', 'model_spacing', 'spacing_plan', 'resize_volume', 'memory_estimate', 'available_memory',
-           'plan_windows', 'fuse_volume', 'degradation_report', 'fuse_arrays', 'write_outputs', 'resolve_device',
-           'load_model', 'fuse_files', 'read_pairs', 'fuse_csv', 'main', 'flow_to_canonical']
+           'plan_windows', 'fuse_volume', 'degradation_report', 'folding', 'fuse_arrays', 'write_outputs',
+           'resolve_device', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv', 'main', 'flow_to_canonical']
 
 # %% ../nbs/80_fuse.ipynb #9fb914cc
 NORMS = ("auto", "hu", "percentile", "none")  # the choices of --ref-norm / --deg-norm
@@ -111,6 +110,8 @@ def from_canonical(vol, # (..., X, Y, Z) array in RAS voxel order (what `to_cano
                   ) -> np.ndarray: # (..., X', Y', Z') in the voxel order of `affine`
     "Undo `unifuse.data.to_canonical`: back to the voxel order of `affine` (volumes, or displacement fields)."
     arr = np.asarray(vol)
+    if vector and (arr.ndim != 4 or arr.shape[0] != 3):
+        raise ValueError(f"vol: a displacement field must be (3, X, Y, Z), got {arr.shape}")
     tr = _ornt_back(affine)
     if np.array_equal(tr, [[0, 1], [1, 1], [2, 1]]): return arr
     lead = arr.ndim - 3
@@ -118,18 +119,19 @@ def from_canonical(vol, # (..., X, Y, Z) array in RAS voxel order (what `to_cano
     a = nib.orientations.apply_orientation(a, tr)
     out = np.moveaxis(a, list(range(-lead, 0)), list(range(lead))) if lead else a
     if vector:
-        if arr.shape[0] != 3: raise ValueError(f"vol: a displacement field must be (3, X, Y, Z), got {arr.shape}")
         comp = np.empty_like(out)
         for k, (j, flip) in enumerate(tr.astype(int)): comp[j] = flip * out[k]   # canonical axis k is original axis j
         out = comp
     return np.ascontiguousarray(out)
 
-def spacing_of(affine) -> np.ndarray:
+def spacing_of(affine, # (4, 4) voxel → world
+              ) -> np.ndarray: # (3,) mm
     "Voxel size in mm along each voxel axis: the lengths of the affine's columns."
     return np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
 
 # %% ../nbs/80_fuse.ipynb #e4416403
-def model_spacing(model) -> np.ndarray|None:
+def model_spacing(model, # a UniFuse model (anything with a `meta` dict)
+                 ) -> np.ndarray|None: # (3,) mm, or None
     "The voxel size (mm, three axes) `model` was trained at, from `model.meta['spacing_mm']`; None when not recorded."
     sp = (getattr(model, "meta", None) or {}).get("spacing_mm")
     if sp is None: return None
@@ -177,7 +179,8 @@ def memory_estimate(model, # a UniFuse model
     n = math.prod(-(-int(s) // m) * m for s in shape)                       # padded as forward pads
     return int(n * item * (32 * width + 16))
 
-def available_memory(device) -> int:
+def available_memory(device, # "cpu", "cuda", "cuda:1" … or a torch.device
+                    ) -> int: # bytes
     "Free memory in bytes on `device`: the GPU's free memory, or the memory available to this process on a CPU."
     d = torch.device(device)
     if d.type == "cuda": return int(torch.cuda.mem_get_info(d)[0])
@@ -308,6 +311,21 @@ def degradation_report(probs, # (Ñ,) class probabilities over `unifuse.degrade.
         out["warning"] = f"the model is unsure of the degradation ({names[k]}, p = {p[k]:.2f} < {low}); the result deserves a look"
     return out
 
+# %% ../nbs/80_fuse.ipynb #a9af03bd
+def folding(flow:Tensor, # (B, 3, D, H, W) or (3, D, H, W) displacement in voxels
+            voxels:int=2 ** 21, # about this many voxels per slab
+           ) -> float: # share of voxels where det of the Jacobian of p ↦ p + φ(p) is ≤ 0 (all pairs of a batch together)
+    "`unifuse.metrics.folding_fraction`, slab by slab: the same number in bounded memory."
+    f = flow if flow.ndim == 5 else flow[None]
+    D, plane = f.shape[2], f.shape[3] * f.shape[4]
+    step, bad = max(1, voxels // max(plane, 1)), 0
+    for a in range(0, D, step):
+        b = min(D, a + step)
+        lo, hi = max(0, a - 1), min(D, b + 1)                               # one plane of halo on each side
+        det = jacobian_det(f[:, :, lo:hi].double())[:, a - lo:a - lo + (b - a)]
+        bad += int((det <= 0).sum())
+    return bad / (f.shape[0] * D * plane)
+
 # %% ../nbs/80_fuse.ipynb #9b8b9da2
 def _describe(arr:np.ndarray, affine, raw=None) -> str:
     "'182×218×182 voxels, 1.00×1.00×1.00 mm, LPS, oblique 7°, values -3…1043'"
@@ -396,7 +414,7 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
     d_ref = torch.from_numpy(np.ascontiguousarray(deg_c))[None, None]
     if colour is not None: d_ref = colourise(d_ref, colour)
     aligned = warp(d_ref, flow)                                              # W(I'_D, φ) at REF's resolution
-    fold = float(folding_fraction(flow))
+    fold = folding(flow)
     rep = degradation_report(o["probs"][0].cpu(), task)
     if rep["warning"]: _warn(rep["warning"])
     if fold > FOLDING_WARN:
@@ -706,8 +724,8 @@ def _parser() -> argparse.ArgumentParser:
 def _print_warning(message, category, filename, lineno, file=None, line=None):
     print(f"unifuse-fuse: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
-def main(argv=None) -> int:
-    "The `unifuse-fuse` command: returns the exit status (0 done, 1 some CSV rows failed, 2 a mistake in the input)."
+def _args(argv):
+    "Parsed and checked arguments; a usage mistake exits (status 2) with one line."
     p = _parser()
     a = p.parse_args(argv)
     if a.csv is not None:
@@ -720,6 +738,13 @@ def main(argv=None) -> int:
         if not (a.ref and a.deg): p.error("give REF and DEG (two NIfTI files), or --csv pairs.csv")
         if a.out is None: p.error("give -o FUSED (the fused .nii.gz to write)")
         if a.task is None: p.error("give --task mri, ct or pet")
+    return a
+
+def main(argv:list|None=None, # the arguments (default: the command line)
+        ) -> int: # the exit status
+    "The `unifuse-fuse` command: returns the exit status (0 done, 1 some CSV rows failed, 2 a mistake in the input)."
+    try: a = _args(argv)
+    except SystemExit as e: return e.code if isinstance(e.code, int) else 2   # usage mistakes (2) and --help (0)
     kw = dict(ref_norm=a.ref_norm, deg_norm=a.deg_norm, window=a.window, overlap=a.overlap, colour=a.colour)
     try:
         with warnings.catch_warnings():

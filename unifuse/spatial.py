@@ -183,7 +183,7 @@ def affine_flow(
     if matrix.ndim != 3 or matrix.shape[-2:] != (n, n) or translation.shape[-1] != n:
         raise ValueError(f"`matrix` must be (B, {n}, {n}) and `translation` (B, {n}) for a {n}D size; "
                          f"got {tuple(matrix.shape)} and {tuple(translation.shape)}")
-    p = identity_grid(size, matrix.device, matrix.dtype)  # (1, n, *size)
+    p = _identity(size, matrix.device, matrix.dtype)  # (1, n, *size), the cached grid: only read here
     c = (_const(tuple((s - 1) / 2 for s in size), matrix.device, matrix.dtype)
          if center is None else torch.as_tensor(center, device=matrix.device, dtype=matrix.dtype))
     if c.numel() != n: raise ValueError(f"`center` must hold {n} coordinates (voxels, (D, H, W) order), got {tuple(c.shape)}")
