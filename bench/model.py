@@ -8,13 +8,16 @@
   `--flops-device cpu --flops-count-size 64` counts on real tensors at 64³ and scales by voxels.
 * Parameters: total and per part beside the paper's (UFR&F 0.948 M; 2.986 M with multi-experts).
 * CPU: forward time and peak memory at `--cpu-size` (default 128³), the time of what the counter cannot
-  see (selective scans and warps, measured by wrapping them), and the profiler's top operations.
+  see (selective scans, spatial SSMs and warps, measured by wrapping them), and the profiler's top operations;
+  with `--cpu-plain`, the same forward with the CPU fast path switched off (`unifuse.layers.use_fast_path(False)`:
+  plain PyTorch, channels-first), interleaved, medians of process CPU time, and the ratio.
 * CUDA (only where a GPU exists): batch `--cuda-batch` × `--cuda-size`³ (default 3 × 160³) with bf16
   autocast: forward, forward + backward of the total loss, a full AdamW step, peak memory, and the time
   of the data pipeline (`make_batch`) on the GPU.
 
     python bench/model.py                          # the defaults above
     python bench/model.py --config tiny --flops-size 64 --cpu-size 32
+    python bench/model.py --cpu-size 96 --cpu-plain --threads 1   # fast path against plain PyTorch at 96³
 
 The last line printed is one JSON object with everything measured.
 """
@@ -28,7 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 try: import unifuse                                                         # installed, or run from the repo root
 except ImportError: sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import unifuse.ssm as ssm_mod
+import unifuse.oufr as oufr_mod
 import unifuse.model as model_mod
+from unifuse.layers import use_fast_path
 from unifuse.model import UniFuse, UniFuseConfig
 
 
@@ -46,8 +51,9 @@ def count_flops(cfg: UniFuseConfig, size: int, device: str = "meta") -> dict:
         s = -(-size // m) * m                                               # padded size, as model() would
         ref = torch.rand(1, 1, s, s, s)
         deg = torch.rand(1, 1, s, s, s)
-        with torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
-            model(ref, deg)                                                 # the public forward (value checks skip meta)
+        with torch.no_grad(), use_fast_path(False), FlopCounterMode(display=False, depth=None) as fc:
+            model(ref, deg)                                                 # the public forward (value checks skip meta);
+                                                                            # plain path: the network's FLOPs, not a CPU route's
     counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
     total = fc.get_total_flops()
     # FlopCounterMode names modules by attribute path below the root: UniFuse.dapl, UniFuse.dapl.encoder, …
@@ -82,9 +88,10 @@ def cpu_forward(cfg: UniFuseConfig, size: int, reps: int = 2, threads: int | Non
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # MiB
     with torch.no_grad(): model(ref, deg)                                   # warm-up
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # wrap what the FLOP counter cannot see: the selective scan and the warps
-    scan, warp = _Timer(ssm_mod.selective_scan), _Timer(model_mod.warp)
-    ssm_mod.selective_scan, model_mod.warp = scan, warp
+    # wrap what the FLOP counter cannot see: the selective scans (full and last-state only), the spatial SSMs, the warps
+    scan, last, spatial, warp = (_Timer(ssm_mod.selective_scan), _Timer(ssm_mod.selective_scan_last_state),
+                                 _Timer(oufr_mod.spatial_ssm), _Timer(model_mod.warp))
+    ssm_mod.selective_scan, ssm_mod.selective_scan_last_state, oufr_mod.spatial_ssm, model_mod.warp = scan, last, spatial, warp
     parts = {k: 0.0 for k in ("dapl", "oufr", "fa", "ufrf")}
     hooks, t0s = [], {}
     for k in parts:
@@ -99,7 +106,7 @@ def cpu_forward(cfg: UniFuseConfig, size: int, reps: int = 2, threads: int | Non
         with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model(ref, deg)
     finally:
-        ssm_mod.selective_scan, model_mod.warp = scan.fn, warp.fn
+        ssm_mod.selective_scan, ssm_mod.selective_scan_last_state, oufr_mod.spatial_ssm, model_mod.warp = scan.fn, last.fn, spatial.fn, warp.fn
         for h in hooks: h.remove()
     ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     top = {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in ev}     # ms, self time
@@ -107,9 +114,34 @@ def cpu_forward(cfg: UniFuseConfig, size: int, reps: int = 2, threads: int | Non
     return dict(size=size, forward_ms=round(1e3 * min(times), 1), forward_ms_runs=[round(1e3 * t, 1) for t in times],
                 peak_rss_mib=round(rss1, 1), peak_rss_increase_mib=round(rss1 - rss0, 1),
                 part_ms={k: round(1e3 * v / n, 1) for k, v in parts.items()},
-                scan_ms=round(1e3 * scan.t / n, 1), scan_calls=scan.n // n,
+                scan_ms=round(1e3 * (scan.t + last.t) / n, 1), scan_calls=(scan.n + last.n) // n,
+                spatial_ssm_ms=round(1e3 * spatial.t / n, 1), spatial_ssm_calls=spatial.n // n,
                 warp_ms=round(1e3 * warp.t / n, 1), warp_calls=warp.n // n,
                 profiler_top_self_ms=top, threads=torch.get_num_threads())
+
+
+def cpu_fast_vs_plain(cfg: UniFuseConfig, size: int, reps: int = 3, threads: int | None = None) -> dict:
+    "Forward at size³ with the CPU fast path on and off, interleaved: medians of process CPU time and wall time."
+    if threads: torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = UniFuse(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    ref, deg = torch.rand(1, 1, size, size, size, generator=g), torch.rand(1, 1, size, size, size, generator=g)
+    out, cpu, wall = {}, {True: [], False: []}, {True: [], False: []}
+    with torch.no_grad():
+        for i in range(2 * reps + 2):
+            fast = bool(i % 2)
+            with use_fast_path(fast):
+                t0, c0 = time.perf_counter(), time.process_time()
+                o = model(ref, deg)
+                if i >= 2: wall[fast].append(time.perf_counter() - t0); cpu[fast].append(time.process_time() - c0)
+            out[fast] = o["fused"]
+    med = lambda v: sorted(v)[len(v) // 2]
+    return dict(size=size, threads=torch.get_num_threads(), reps=reps,
+                plain_cpu_ms=round(1e3 * med(cpu[False]), 1), fast_cpu_ms=round(1e3 * med(cpu[True]), 1),
+                plain_wall_ms=round(1e3 * med(wall[False]), 1), fast_wall_ms=round(1e3 * med(wall[True]), 1),
+                ratio_cpu=round(med(cpu[True]) / med(cpu[False]), 3), ratio_wall=round(med(wall[True]) / med(wall[False]), 3),
+                max_abs_diff_fused=float((out[True] - out[False]).abs().max()))
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -175,6 +207,7 @@ def main(argv=None):
                     help="where the counting runs (meta: no memory, needs value-free code paths)")
     ap.add_argument("--cpu-size", type=int, default=128, help="side of the CPU forward timing (0: skip)")
     ap.add_argument("--cpu-reps", type=int, default=1, help="timed forwards after one warm-up (plus one profiled)")
+    ap.add_argument("--cpu-plain", action="store_true", help="also time the CPU forward with the fast path off (plain PyTorch)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--cuda-batch", type=int, default=3)
     ap.add_argument("--cuda-size", type=int, default=160)
@@ -224,9 +257,15 @@ def main(argv=None):
               f"(runs {c['forward_ms_runs']}), peak RSS {c['peak_rss_mib']} MiB (+{c['peak_rss_increase_mib']} MiB in the first forward)")
         print(f"  per part (ms): {c['part_ms']}")
         print(f"  not counted by FlopCounterMode: selective scans {c['scan_ms']} ms ({c['scan_calls']} calls), "
-              f"warps {c['warp_ms']} ms ({c['warp_calls']} calls)")
+              f"spatial SSMs {c['spatial_ssm_ms']} ms ({c['spatial_ssm_calls']} calls), warps {c['warp_ms']} ms ({c['warp_calls']} calls)")
         print(f"  profiler, top self CPU time (ms): {c['profiler_top_self_ms']}")
         res["cpu"] = c
+        if args.cpu_plain:
+            fp = cpu_fast_vs_plain(cfg, args.cpu_size, max(args.cpu_reps, 3), args.threads)
+            print(f"  fast path against plain PyTorch (interleaved, {fp['reps']} each, medians): process CPU "
+                  f"{fp['fast_cpu_ms']} ms vs {fp['plain_cpu_ms']} ms = {fp['ratio_cpu']}×; wall {fp['fast_wall_ms']} ms vs "
+                  f"{fp['plain_wall_ms']} ms = {fp['ratio_wall']}×; fused outputs differ by at most {fp['max_abs_diff_fused']:.1e}")
+            res["cpu_fast_vs_plain"] = fp
 
     if torch.cuda.is_available() and not args.no_cuda:
         g = cuda_step(cfg, args.cuda_batch, args.cuda_size)

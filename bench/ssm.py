@@ -9,6 +9,10 @@ repeats are interleaved and medians reported. The last printed line is one JSON 
 
     python bench/ssm.py                                  # B=2, D=256, N=16, L=4096 on CPU
     python bench/ssm.py --device cuda --repeats 20
+    python bench/ssm.py --last-state --batch 3 --dim 96 --length 13824   # DAPL's state-only block at 96³
+
+With --last-state, only the last state h_L is asked for (DAPL's second block): `selective_scan_last_state` (its
+closed form, block by block) against the chunked scan (and the sequential loop), gradients through h_L only.
 """
 import argparse, json, math, os, platform, resource, statistics, sys, time
 from pathlib import Path
@@ -16,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
-from unifuse.ssm import selective_scan, selective_scan_ref, _mamba_kernel
+from unifuse.ssm import selective_scan, selective_scan_last_state, selective_scan_ref, _mamba_kernel
 
 
 def make_inputs(b, d, n, L, device, seed=0):
@@ -44,6 +48,18 @@ def run(fn, inputs, backward, seed=1):
     return y.detach(), h.detach(), dict(zip(xs, grads))
 
 
+def run_last_state(fn, inputs, backward, seed=1):
+    "h_L alone; with `backward`, also the gradients of <h, gh> w.r.t. u, Δ, A, B and the bias."
+    keys = ("u", "delta", "A", "B", "delta_bias")
+    xs = {k: inputs[k].detach().requires_grad_(backward) for k in keys}
+    with torch.set_grad_enabled(backward):
+        h = fn(**xs)
+        if not backward: return h.new_zeros(1), h, None
+        gh = torch.randn(h.shape, generator=torch.Generator(device=h.device).manual_seed(seed), device=h.device)
+        grads = torch.autograd.grad((h * gh).sum(), list(xs.values()))
+    return h.new_zeros(1), h.detach(), dict(zip(keys, grads))
+
+
 def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
@@ -66,6 +82,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
     p.add_argument("--no-sequential", action="store_true", help="CPU: skip the slow sequential reference")
+    p.add_argument("--last-state", action="store_true", help="time the last state alone (selective_scan_last_state vs the scan)")
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -79,6 +96,14 @@ def main(argv=None):
         if _mamba_kernel() is not None: methods["kernel"] = lambda **kw: selective_scan(**kw, backend="cuda")
     elif not a.no_sequential:
         methods["sequential"] = selective_scan_ref
+    runner = run
+    if a.last_state:                                                         # h_L only: C = 0, no D, no gate
+        zero_C = lambda kw: kw["A"].new_zeros(kw["A"].shape)
+        def scan_h(fn, **kw): return fn(**kw, C=zero_C(kw), delta_softplus=True, return_last_state=True)[1]
+        methods = {"torch": lambda **kw: selective_scan_last_state(**kw, delta_softplus=True, chunk_size=a.chunk),
+                   "scan": lambda **kw: scan_h(selective_scan, backend="torch", **kw)}
+        if not cuda and not a.no_sequential: methods["sequential"] = lambda **kw: scan_h(selective_scan_ref, **kw)
+        runner = lambda fn, inputs, backward: run_last_state(fn, inputs, backward)
 
     def sync():
         if cuda: torch.cuda.synchronize()
@@ -89,23 +114,23 @@ def main(argv=None):
     for mode in modes:
         for k, fn in methods.items():  # warm-up; keep a result for the agreement check
             if cuda: torch.cuda.reset_peak_memory_stats()
-            results[(mode, k)] = run(fn, inputs, mode == "forward_backward")
+            results[(mode, k)] = runner(fn, inputs, mode == "forward_backward")
             sync()
             peak[f"{mode}/{k}"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         for _ in range(a.repeats):  # interleaved, so that background load hits every method alike
             for k, fn in methods.items():
                 sync(); t0, c0 = time.perf_counter(), time.process_time()
-                run(fn, inputs, mode == "forward_backward")
+                runner(fn, inputs, mode == "forward_backward")
                 sync(); times[mode][k].append(time.perf_counter() - t0); cpu[mode][k].append(time.process_time() - c0)
 
-    base = "kernel" if "kernel" in methods else "sequential"
+    base = "kernel" if "kernel" in methods else "sequential" if "sequential" in methods else "scan"
     report = dict(bench="ssm", device=str(dev),
                   device_name=torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
                   torch=torch.__version__, threads=torch.get_num_threads(),
                   loadavg_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                   batch=a.batch, dim=a.dim, state=a.state, length=a.length, repeats=a.repeats,
-                  chunk=a.chunk, elements=a.batch * a.dim * a.length * a.state,
+                  chunk=a.chunk, last_state_only=a.last_state, elements=a.batch * a.dim * a.length * a.state,
                   flops_elementwise_est=9 * a.batch * a.dim * a.length * a.state,  # exp, ΔA, ΔBu, update, C·h per element
                   kernel_available=("kernel" in methods) if cuda else None)
     for mode in modes:

@@ -137,34 +137,68 @@ def test_single_sample_batches():
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_probs_do_not_depend_on_the_batch(train_mode):
     "p drives the prompts and the LoRA mixing: the same input gives the same p whatever its batch-mates, in train and eval mode."
+    import copy
     from unifuse.model import UniFuse, UniFuseConfig
     torch.manual_seed(0)
     model = UniFuse(UniFuseConfig.tiny())
     g = torch.Generator().manual_seed(0)
     x = torch.rand(5, 1, 16, 16, 16, generator=g)
     with torch.no_grad(): model(torch.rand(4, 1, 16, 16, 16, generator=g), torch.rand(4, 1, 16, 16, 16, generator=g))
-    assert bool(model.dapl.reader.norm.initialised)                          # the read-out's one-time set-up
+    norm = model.dapl.reader.norm
+    assert bool(norm.initialised) and not torch.equal(norm.running_var, torch.ones_like(norm.running_var))
     model.train(train_mode)
-    with torch.no_grad():
-        alone = model(x[:1], x[1:2])["probs"]
-        for mates in (x[2:4], x[3:5], x[[4, 2, 3]]):
-            both = model(torch.cat([x[:1], mates[:, :, :, :, :]]), torch.cat([x[1:2], mates.flip(0)]))["probs"][:1]
-            torch.testing.assert_close(both, alone, atol=1e-5, rtol=0)
+    state = copy.deepcopy(model.state_dict())
+
+    def probs(d, r):
+        model.load_state_dict(state)                                         # every call starts from the same statistics
+        with torch.no_grad(): return model(d, r)["probs"][:1]
+
+    alone = probs(x[:1], x[1:2])                                             # B = 1: never moves the statistics
+    for mates in (x[2:4], x[3:5], x[[4, 2, 3]]):
+        both = probs(torch.cat([x[:1], mates]), torch.cat([x[1:2], mates.flip(0)]))
+        torch.testing.assert_close(both, alone, atol=1e-5, rtol=0)
+        assert torch.equal(norm.running_mean, state["dapl.reader.norm.running_mean"]) != train_mode   # training moves them
 
 
-def test_loss_leaves_no_statistics_behind():
-    "A training step's second DAPL pass (the clean pair of L_moda) must not change what evaluation sees."
+def test_running_norm_statistics():
+    "The first batch sets μ, σ²; later batches move them by the momentum, after being normalised with the old ones."
+    from unifuse.dapl import RunningNorm
+    n = RunningNorm(3, momentum=0.25)
+    z1 = torch.tensor([[0., 1, 2], [2, 3, 10]])
+    out = n(z1)
+    torch.testing.assert_close(n.running_mean, torch.tensor([1., 2, 6]))
+    torch.testing.assert_close(n.running_var, torch.tensor([1., 1, 16]))
+    torch.testing.assert_close(out, (z1 - n.running_mean) / torch.sqrt(n.running_var + n.eps))
+    z2 = torch.tensor([[4., 2, 6], [6, 2, 6]])
+    out2 = n(z2)                                                             # normalised with the first batch's statistics
+    torch.testing.assert_close(out2, (z2 - torch.tensor([1., 2, 6])) / torch.sqrt(torch.tensor([1., 1, 16]) + n.eps))
+    torch.testing.assert_close(n.running_mean, torch.tensor([1., 2, 6]) * 0.75 + torch.tensor([5., 2, 6]) * 0.25)
+    torch.testing.assert_close(n.running_var, torch.tensor([1., 1, 16]) * 0.75 + torch.tensor([1., 0, 0]) * 0.25)
+    before = n.running_mean.clone()
+    n(torch.rand(1, 3)); n(torch.rand(4, 3), update=False); n.eval(); n(torch.rand(4, 3))   # B = 1, update off, eval
+    assert torch.equal(n.running_mean, before)
+    fresh = RunningNorm(3)
+    fresh(torch.rand(1, 3))                                                  # one sample has no variance: no set-up
+    assert not bool(fresh.initialised)
+
+
+def test_loss_moves_statistics_with_the_training_pair_only():
+    "A training step's second DAPL pass (the clean pair of L_moda) leaves the read-out's statistics alone."
+    import copy
     from unifuse.model import UniFuse, UniFuseConfig
     from unifuse.degrade import make_batch
     torch.manual_seed(0)
     model = UniFuse(UniFuseConfig.tiny())
     x = torch.rand(4, 1, 16, 16, 16)
     with torch.no_grad(): model.loss(make_batch(x[:2], x[2:], "mri", generator=0))   # first training batch: set-up
-    model.eval()
-    with torch.no_grad(): before = model(x[:1], x[2:3])["probs"]
-    model.train()
-    with torch.no_grad(): model.loss(make_batch(x[2:], x[:2], ["ct", "pet"], generator=1))
-    model.eval()
-    with torch.no_grad(): after = model(x[:1], x[2:3])["probs"]
-    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
-    assert not [n for n, _ in model.named_buffers() if "running" in n], "batch statistics in the model"
+    state = copy.deepcopy(model.state_dict())
+    batch = make_batch(x[2:], x[:2], ["ct", "pet"], generator=1)
+    with torch.no_grad(): model.loss(batch)
+    after_loss = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.load_state_dict(state)
+    with torch.no_grad(): model(batch["ref"], batch["deg"])                  # the training pair alone
+    after_pair = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert after_loss.keys() == after_pair.keys() and len(after_loss) == 2
+    for k in after_loss:
+        assert not torch.equal(after_loss[k], state[k])
+        torch.testing.assert_close(after_loss[k], after_pair[k], atol=1e-6, rtol=1e-5)

@@ -14,18 +14,16 @@ from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
 from .ssm import MambaBlock
+from .layers import Conv3d, conv3d_cat, to_cl
 
 # %% auto #0
-__all__ = ['SharedEncoder', 'to_tokens', 'to_volume', 'PatchEmbed', 'token_orders', 'ActNorm', 'StateReader',
+__all__ = ['SharedEncoder', 'to_tokens', 'to_volume', 'PatchEmbed', 'token_orders', 'RunningNorm', 'StateReader',
            'DegradationClassifier', 'PromptSelector', 'l_ce', 'DAPL']
 
 # %% ../nbs/10_dapl.ipynb #e018bc1f
 def _cl(x:Tensor) -> Tensor:
-    "Channels-last 3D layout on the CPU (much faster convolutions there), for the gradient too; unchanged elsewhere."
-    if x.device.type != "cpu" or x.ndim != 5: return x
-    x = x.contiguous(memory_format=torch.channels_last_3d)
-    if x.requires_grad: x.register_hook(lambda g: g.contiguous(memory_format=torch.channels_last_3d))
-    return x
+    "Channels-last 3D layout on the CPU fast path, for the gradient too; unchanged elsewhere."
+    return to_cl(x, grad=True)
 
 class SharedEncoder(nn.Module):
     "Two 3×3×3 convolutions: a volume (B, c_in, D, H, W) → features (B, C, D, H, W) at full resolution."
@@ -34,8 +32,8 @@ class SharedEncoder(nn.Module):
                  c:int=4,    # C: feature channels
                 ):
         super().__init__()
-        self.conv1 = nn.Conv3d(c_in, c, 3, padding=1)
-        self.conv2 = nn.Conv3d(c, c, 3, padding=1)
+        self.conv1 = Conv3d(c_in, c, 3, padding=1)
+        self.conv2 = Conv3d(c, c, 3, padding=1)
         self.act = nn.LeakyReLU(0.2)
 
     def forward(self, x:Tensor # (B, c_in, D, H, W)
@@ -64,7 +62,7 @@ class PatchEmbed(nn.Module):
                 ):
         super().__init__()
         self.q = q
-        self.proj = nn.Conv3d(c, m, q, stride=q)
+        self.proj = Conv3d(c, m, q, stride=q)
         self.norm = nn.LayerNorm(m)
 
     def forward(self, x:Tensor # (B, c, D, H, W), D, H, W divisible by Q
@@ -90,40 +88,55 @@ def token_orders(n:int # N: number of tokens
 def _mlp(d_in, d_hidden, d_out):
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
-class ActNorm(nn.Module):
-    "Per-feature shift and scale, (z + loc) · exp(log_scale): parameters set from the first training batch of ≥ 2 samples, then learned."
+class RunningNorm(nn.Module):
+    "Per-feature standardisation by running statistics in train and eval mode alike: (z − μ) / √(σ² + eps) · γ + β."
     def __init__(self, n:int, # features
+                 momentum:float=0.1, # how far each training batch moves μ and σ²
                  eps:float=1e-5, # added to the variance (as in BatchNorm): near-constant features are not blown up
                 ):
         super().__init__()
-        self.loc, self.log_scale, self.eps = nn.Parameter(torch.zeros(n)), nn.Parameter(torch.zeros(n)), eps
-        self.register_buffer("initialised", torch.tensor(False))      # saved with the weights: set once
+        self.momentum, self.eps = momentum, eps
+        self.weight, self.bias = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+        self.register_buffer("initialised", torch.tensor(False))     # saved with the weights
 
     @torch.no_grad()
-    def _initialise(self, z:Tensor):
-        "Standardise the features of this batch: loc = −mean, scale = 1/√(var + eps) (averaged over DDP processes)."
-        m, m2 = z.mean(0), z.pow(2).mean(0)
+    def update(self, z:Tensor # (B, n) features of a training batch
+              ):
+        "Move μ, σ² towards this batch's statistics (the global batch's under DDP); the first batch of ≥ 2 samples sets them."
+        z = z.detach().float()
+        s = torch.cat([z.sum(0), z.pow(2).sum(0), z.new_tensor([z.shape[0]])])   # (2n + 1,)
         import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            mm = torch.stack([m, m2]); dist.all_reduce(mm); m, m2 = mm / dist.get_world_size()
-        var = (m2 - m * m).clamp_min(0)
-        self.loc.copy_(-m); self.log_scale.copy_(-0.5 * torch.log(var + self.eps)); self.initialised.fill_(True)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.all_reduce(s)
+        n, count = z.shape[1], float(s[-1])
+        if count < 2: return                                         # one sample has no variance
+        mean = s[:n] / count
+        var = (s[n:2 * n] / count - mean * mean).clamp_min(0)
+        m = self.momentum if bool(self.initialised) else 1.0
+        self.running_mean.lerp_(mean, m); self.running_var.lerp_(var, m); self.initialised.fill_(True)
 
-    def forward(self, z:Tensor # (B, n)
-               ) -> Tensor:    # (B, n)
-        if self.training and z.shape[0] >= 2 and not z.is_meta and not bool(self.initialised): self._initialise(z)
-        return (z + self.loc) * self.log_scale.exp()
+    def forward(self, z:Tensor, # (B, n)
+                update:bool|None=None, # move the statistics after this call; default: in training mode
+               ) -> Tensor:         # (B, n)
+        if update is None: update = self.training
+        update = update and not z.is_meta
+        if update and not bool(self.initialised): self.update(z)     # the very first batch sets them first
+        out = (z - self.running_mean) * torch.rsqrt(self.running_var + self.eps) * self.weight + self.bias
+        if update: self.update(z)                                    # then every batch moves them, after use
+        return out
 
 class StateReader(nn.Module):
-    "h₁, h₂, h₃ (each (B, d_inner, d_state)) → z (B, d_hidden): concatenated, standardised per feature (ActNorm), projected."
+    "h₁, h₂, h₃ (each (B, d_inner, d_state)) → z (B, d_hidden): concatenated, standardised per feature (`RunningNorm`), projected."
     def __init__(self, d_inner:int, d_state:int, d_hidden:int=64, n_states:int=3):
         super().__init__()
-        self.norm = ActNorm(n_states * d_inner * d_state)
+        self.norm = RunningNorm(n_states * d_inner * d_state)
         self.proj = nn.Sequential(nn.Linear(n_states * d_inner * d_state, d_hidden), nn.GELU())
-    def forward(self, states:tuple # h₁, h₂, h₃: each (B, d_inner, d_state)
+    def forward(self, states:tuple, # h₁, h₂, h₃: each (B, d_inner, d_state)
+                update:bool|None=None, # move the norm's running statistics (default: in training mode)
                ) -> Tensor:        # z: (B, d_hidden)
         z = torch.cat([h.flatten(1) for h in states], -1)           # (B, 3·d_inner·d_state)
-        return self.proj(self.norm(z))
+        return self.proj(self.norm(z, update))
 
 class DegradationClassifier(nn.Module):
     "z → MLP → linear → logits over the Ñ degradation classes (softmax gives p)."
@@ -175,7 +188,7 @@ class DAPL(nn.Module):
         self.prompts = nn.Parameter(torch.randn(n, cfg.prompt_len, m))   # P: (Ñ, L, M)
         if self.mode == "C": return                                  # no DAPL beyond the encoder
         hidden = cfg.dapl_hidden
-        self.fuse = nn.Conv3d(2 * c, c, 1)                           # concat(F'_D, F_R) → J_DR
+        self.fuse = Conv3d(2 * c, c, 1)                              # concat(F'_D, F_R) → J_DR
         self.patch = PatchEmbed(c, m, cfg.patch)
         mk = lambda **kw: MambaBlock(m, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, backend=cfg.ssm_backend, **kw)
         self.norm1, self.mamba1 = nn.LayerNorm(m), mk()
@@ -196,6 +209,7 @@ class DAPL(nn.Module):
 
     def forward(self, deg:Tensor, # I'_D: (B, 1, D, H, W) degraded, misaligned volume in [0, 1]
                 ref:Tensor,       # I_R: (B, 1, D, H, W) clean reference volume in [0, 1]
+                update:bool|None=None, # move the read-out's running statistics (default: in training mode)
                ) -> dict:
         self._check(deg, ref)
         b, n_cls = deg.shape[0], self.cfg.n_classes
@@ -206,7 +220,7 @@ class DAPL(nn.Module):
         if self.mode == "C":
             return dict(feat_d=fd, feat_r=fr, feat_d_hat=fd, states=(zeros,) * 3, logits=None,
                         probs=uniform, class_probs=None, prompt=const_prompt, h=None, select=None)
-        j = _cl(self.fuse(_cl(torch.cat([fd, fr], 1))))             # J_DR: (B, C, D, H, W)
+        j = _cl(conv3d_cat([fd, fr], self.fuse))                     # J_DR = fuse(concat(F'_D, F_R)): (B, C, D, H, W)
         fd_hat = fd if self.mode == "A" else fd + j                  # F̂'_D: (B, C, D, H, W)
         t, grid = self.patch(j)                                      # (B, N, M)
         f_for = t + self.mamba1(self.norm1(t))[0]                    # F_for: (B, N, M)
@@ -214,7 +228,7 @@ class DAPL(nn.Module):
         seqs = torch.cat([f_for[:, orders[k].to(t.device)] for k in ("for", "bac", "bid")])  # (3B, N, M)
         _, hs = self.mamba2(self.norm2(seqs))                        # (3B, d_inner, d_state)
         h = tuple(hs.split(b))                                       # h₁, h₂, h₃: each (B, d_inner, d_state)
-        z = self.reader(h)                                           # (B, d_hidden)
+        z = self.reader(h, update)                                   # (B, d_hidden)
         logits = self.classifier(z)                                  # (B, Ñ)
         class_probs = logits.softmax(-1)                             # p: (B, Ñ)
         if self.mode == "B": g, prompt, probs = None, const_prompt, uniform

@@ -14,6 +14,7 @@ from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
 from .spatial import resize_flow
+from .layers import Conv3d, on_fast_path, to_cl
 
 # %% auto #0
 __all__ = ['ChannelNorm', 'PromptMLP', 'window_cross_attention', 'ConvFFN', 'max_level', 'RegBLK', 'FA', 'reg_loss']
@@ -26,6 +27,9 @@ class ChannelNorm(nn.Module):
         super().__init__()
         self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), eps
     def forward(self, x:Tensor) -> Tensor:                                  # x (B, C, D, H, W)
+        if on_fast_path(x):                                                 # CPU: one fused kernel on channels-last
+            y = F.layer_norm(to_cl(x).permute(0, 2, 3, 4, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+            return y.permute(0, 4, 1, 2, 3)                                 # (B, C, D, H, W), channels-last
         dt, x = x.dtype, x.float()                                          # statistics in float32 (bf16 autocast)
         mu = x.mean(1, keepdim=True)                                        # (B, 1, D, H, W)
         var = (x - mu).pow(2).mean(1, keepdim=True)                         # (B, 1, D, H, W)
@@ -95,8 +99,8 @@ class ConvFFN(nn.Module):
     def __init__(self, c:int, expand:int=2):
         super().__init__()
         self.norm = ChannelNorm(c)
-        self.dw = nn.Conv3d(c, c, 3, padding=1, groups=c)
-        self.pw1, self.pw2 = nn.Conv3d(c, expand * c, 1), nn.Conv3d(expand * c, c, 1)
+        self.dw = Conv3d(c, c, 3, padding=1, groups=c)
+        self.pw1, self.pw2 = Conv3d(c, expand * c, 1), Conv3d(expand * c, c, 1)
     def forward(self, x:Tensor) -> Tensor:                                  # (B, C, D, H, W)
         return self.pw2(F.gelu(self.pw1(self.dw(self.norm(x)))))
 
@@ -121,9 +125,9 @@ class RegBLK(nn.Module):
         self.heads, self.window, self.level, self.shift = heads, window, level, shift
         self.film = nn.Linear(guide, 4 * c)                                # γ_D, β_D, γ_R, β_R
         self.norm_d, self.norm_r = ChannelNorm(c), ChannelNorm(c)
-        self.qkv = nn.Conv3d(c, 3 * c, 1)                                   # shared by both streams
-        self.out_d = nn.Conv3d(c + 3 * heads, c, 1)
-        self.out_r = nn.Conv3d(c + 3 * heads, c, 1)
+        self.qkv = Conv3d(c, 3 * c, 1)                                      # shared by both streams
+        self.out_d = Conv3d(c + 3 * heads, c, 1)
+        self.out_r = Conv3d(c + 3 * heads, c, 1)
         self.ffn_d, self.ffn_r = ConvFFN(c), ConvFFN(c)
 
     def forward(self, fd:Tensor, # F̄_D^i (B, c, d, h, w) on the 1/Q grid
@@ -162,11 +166,11 @@ class FA(nn.Module):
         heads = cfg.fa_heads
         if c % heads: raise ValueError(f"FA: fa_channels={c} must be divisible by fa_heads={heads}")
         self.cfg = cfg
-        self.proj = nn.Conv3d(M, c, 1)                                      # M → c, shared by D and R
+        self.proj = Conv3d(M, c, 1)                                         # M → c, shared by D and R
         self.guide = PromptMLP(cfg.prompt_len, M, c) if J else None         # only RegBLKs read the prompt
         self.blocks = nn.ModuleList(RegBLK(c, heads, cfg.fa_window, level=J - 1 - i, shift=bool(i % 2), guide=c)
                                     for i in range(J))
-        self.head = nn.Sequential(nn.Conv3d(2 * c, c, 3, padding=1), nn.ReLU(), nn.Conv3d(c, 3, 1))
+        self.head = nn.Sequential(Conv3d(2 * c, c, 3, padding=1), nn.ReLU(), Conv3d(c, 3, 1))
         nn.init.zeros_(self.head[-1].weight); nn.init.zeros_(self.head[-1].bias)   # φ = 0 (identity) at start
 
     def forward(self, fbar_d:Tensor, # F̄'_D as a volume (B, M, D/Q, H/Q, W/Q)
@@ -184,8 +188,8 @@ class FA(nn.Module):
         g = self.guide(prompt) if self.blocks else None                     # (B, c)
         fd, fr = self.proj(fbar_d), self.proj(fbar_r)                       # F̄_D^1, F̄_R^1 (B, c, d, h, w)
         for blk in self.blocks: fd, fr = blk(fd, fr, g)                     # F̄^{i+1}
-        phi_c = self.head(torch.cat([fd, fr], 1))                           # (B, 3, d, h, w), 1/Q voxels
-        phi = resize_flow(phi_c, size)                                      # (B, 3, D, H, W), ×Q, values ×Q
+        phi_c = self.head(torch.cat([fd, fr], 1)).contiguous()              # (B, 3, d, h, w), 1/Q voxels; channels-first:
+        phi = resize_flow(phi_c, size)                                      # (B, 3, D, H, W), ×Q, values ×Q  (trilinear is faster so)
         return (phi, phi_c) if return_coarse else phi
 
 # %% ../nbs/30_fa.ipynb #1db69170

@@ -171,7 +171,7 @@ class UniFuse(nn.Module):
         L = dict(ce=self.dapl.ce_loss(d, b["label"]))                       # Eq. 1
         zero = ref.new_zeros(())
         if w["moda"] != 0:                                                  # the second pair {I_D, I'_R}
-            d2 = self.dapl(pad(luma(b["deg_label"])), pad(b["ref_moved"]))
+            d2 = self.dapl(pad(luma(b["deg_label"])), pad(b["ref_moved"]), update=False)   # only training pairs move the read-out's statistics
             fbar_d2, fbar_rp = self.oufr(d2["feat_d_hat"], d2["feat_r"], d2["states"])   # F̄_D, F̄'_R
             L["moda"] = moda_loss(o["fbar_d"], o["fbar_r"], fbar_d2, fbar_rp,          # Eq. 4: (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
                                   K=cfg.moda_negatives, tau=cfg.moda_tau, generator=generator)

@@ -14,12 +14,66 @@ from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
 from .fa import ChannelNorm, PromptMLP, ConvFFN
+from .layers import Conv3d, add_, bmm, conv3d, conv3d_cat, gram, mix_channels, on_fast_path, to_cl
 from .colour import rgb_to_ycbcr, ycbcr_to_rgb, luma
 
 # %% auto #0
 __all__ = ['BaseNet', 'LoRANet', 'LoRABranches', 'ALSN', 'UFRF', 'ssim3d', 'fusion_losses']
 
 # %% ../nbs/40_ufrf.ipynb #bd288e59
+def _mixing_matrix(G:Tensor, # Gram matrix of [q, k] over the voxels (B, 2c, 2c)
+                   m:Tensor, temperature:Tensor, heads:int) -> Tensor: # block-diagonal M ⊙ attention (B, c, c)
+    "M ⊙ softmax(q̂ k̂ᵀ τ) per head from [q, k]ᵀ[q, k]: its diagonal holds the squared norms F.normalize divides by."
+    B, c = G.shape[0], G.shape[1] // 2
+    e = c // heads
+    norm = G.diagonal(dim1=1, dim2=2).clamp_min(1e-24).sqrt()               # max(‖q_i‖, 1e-12), max(‖k_j‖, 1e-12)
+    S = G[:, :c, c:] / (norm[:, :c, None] * norm[:, None, c:])              # q̂_i · k̂_j (B, c, c)
+    S = S.view(B, heads, e, heads, e).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)   # per head (B, h, e, e)
+    Mh = m * (S * temperature).softmax(-1)                                  # M ⊙ attention (B, h, e, e)
+    eye = torch.eye(heads, dtype=Mh.dtype, device=Mh.device)
+    return torch.einsum("bhij,hk->bhikj", Mh, eye).reshape(B, c, c)         # block-diagonal (B, c, c)
+
+class _ChannelAttention(torch.autograd.Function):
+    "V'ᵀ = v Mᵀ from the voxel rows of q, k, v (B, N, c) each; the long sums over voxels as `gram`s."
+    @staticmethod
+    def forward(ctx, q, k, v, m, temperature, heads):
+        qq, qk, kk = gram(q, q), gram(q, k), gram(k, k)                     # (B, c, c) each
+        G = torch.cat([torch.cat([qq, qk], 2), torch.cat([qk.transpose(1, 2), kk], 2)], 1)   # [q, k]ᵀ[q, k]
+        Mbd = _mixing_matrix(G, m, temperature, heads)
+        ctx.save_for_backward(q, k, v, G, m, temperature, Mbd)
+        ctx.heads = heads
+        return bmm(v, Mbd.transpose(1, 2))                                 # (B, N, c)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, k, v, G, m, temperature, Mbd = ctx.saved_tensors
+        c, g = q.shape[-1], g.contiguous()
+        gM = gram(g, v)                                                     # ∂/∂Mbd = gᵀ v (B, c, c)
+        with torch.enable_grad():                                           # the small (c × c) part by autograd
+            small = [x.detach().requires_grad_() for x in (G, m, temperature)]
+            gG, gm, gtau = torch.autograd.grad(_mixing_matrix(*small, ctx.heads), small, gM)
+        S = gG + gG.transpose(1, 2)                                         # ∂/∂[q, k] = [q, k] S
+        gq = bmm(k, S[:, c:, :c], bmm(q, S[:, :c, :c]))
+        gk = bmm(k, S[:, c:, c:], bmm(q, S[:, :c, c:]))
+        return gq, gk, bmm(g, Mbd), gm, gtau, None
+
+def _channel_attention_cl(q:Tensor, k:Tensor, v:Tensor, # (B, c, D, H, W) each, channels-last
+                          heads:int, temperature:Tensor, # (heads, 1, 1)
+                          m:Tensor, # the modulation Resh(MLP(·)) (B, heads, e, e)
+                         ) -> Tensor: # V' = (M ⊙ softmax(q̂ k̂ᵀ τ)) v (B, c, D, H, W), channels-last
+    "Eq. 9 read straight from channels-last volumes: q·k and the norms from one Gram matrix of [q, k] over the voxels."
+    B, c, D, H, W = q.shape
+    rows = lambda t: to_cl(t).permute(0, 2, 3, 4, 1).reshape(B, D * H * W, c)   # (B, N, c): views, no copy
+    out = _ChannelAttention.apply(rows(q), rows(k), rows(v), m, temperature, heads)
+    return out.view(B, D, H, W, c).permute(0, 4, 1, 2, 3)                   # (B, c, D, H, W), channels-last
+
+def _pw_dw(x:Tensor, pw:nn.Conv3d, dw:nn.Conv3d, lo:int, hi:int) -> Tensor:
+    "Channels lo:hi of dw(pw(x)) alone (weights sliced): a pointwise then a depthwise 3×3×3 convolution."
+    y = conv3d(x, pw.weight[lo:hi], pw.bias[lo:hi])
+    return conv3d(y, dw.weight[lo:hi], dw.bias[lo:hi], padding=1, groups=hi - lo)
+
+# %% ../nbs/40_ufrf.ipynb #a8e380d2
 class BaseNet(nn.Module):
     "Prompt-conditioned transposed (channel) attention followed by a gated feed-forward (Eq. 9–10)."
     def __init__(self, c:int, # channels of the scale
@@ -30,29 +84,38 @@ class BaseNet(nn.Module):
         super().__init__()
         if c % heads: raise ValueError(f"BaseNet: channels c={c} must be divisible by heads={heads}")
         self.heads, e = heads, c // heads
-        self.qkv = nn.Conv3d(c, 3 * c, 1)
-        self.qkv_dw = nn.Conv3d(3 * c, 3 * c, 3, padding=1, groups=3 * c)
+        self.qkv = Conv3d(c, 3 * c, 1)
+        self.qkv_dw = Conv3d(3 * c, 3 * c, 3, padding=1, groups=3 * c)
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
         self.mod = nn.Linear(guide, heads * e * e)                          # Resh(MLP(P̂ ⊙ p))
         nn.init.normal_(self.mod.weight, std=0.02); nn.init.zeros_(self.mod.bias)
         h = max(1, int(round(ffn_expand * c)))
-        self.ffn_in = nn.Conv3d(c, 2 * h, 1)
-        self.ffn_dw = nn.Conv3d(2 * h, 2 * h, 3, padding=1, groups=2 * h)
-        self.ffn_out = nn.Conv3d(h, c, 1)
+        self.ffn_in = Conv3d(c, 2 * h, 1)
+        self.ffn_dw = Conv3d(2 * h, 2 * h, 3, padding=1, groups=2 * h)
+        self.ffn_out = Conv3d(h, c, 1)
 
     def forward(self, x:Tensor, # F̃_i, channel-normalised (B, c, D, H, W)
                 g:Tensor, # restoration guidance (B, guide)
                ) -> Tensor: # F̃_i^B (B, c, D, H, W)
         B, c, D, H, W = x.shape
+        m = 1 + self.mod(g).view(B, self.heads, c // self.heads, c // self.heads)  # Resh(MLP(·)) (B, h, e, e)
+        if on_fast_path(x): return self._forward_cl(x, m)                   # the same, laid out for the CPU (appendix)
         q, k, v = self.qkv_dw(self.qkv(x)).chunk(3, 1)                      # (B, c, D, H, W) each
         q, k, v = (rearrange(t, "b (h e) d y x -> b h e (d y x)", h=self.heads) for t in (q, k, v))  # (B, h, e, N)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(-1)    # (B, h, e, e)
-        m = 1 + self.mod(g).view(B, self.heads, c // self.heads, c // self.heads)  # Resh(MLP(·)) (B, h, e, e)
         vv = (m * attn) @ v                                                 # V' = M ⊗ V (B, h, e, N)
         vv = rearrange(vv, "b h e (d y x) -> b (h e) d y x", d=D, y=H, x=W)  # (B, c, D, H, W)
         a, b = self.ffn_dw(self.ffn_in(vv)).chunk(2, 1)                     # Conv(V'), Conv(V') (B, h, D, H, W)
         return self.ffn_out(a * F.gelu(b))                                  # Eq. 10
+
+    def _forward_cl(self, x:Tensor, m:Tensor) -> Tensor:
+        "`forward` on the CPU fast path: Q, K, V and the two halves of Eq. 10 as separate volumes of c (h) channels."
+        c, h = x.shape[1], self.ffn_out.in_channels
+        q, k, v = (_pw_dw(x, self.qkv, self.qkv_dw, i * c, (i + 1) * c) for i in range(3))
+        vv = _channel_attention_cl(q, k, v, self.heads, self.temperature, m)
+        a, b = (_pw_dw(vv, self.ffn_in, self.ffn_dw, i * h, (i + 1) * h) for i in range(2))
+        return self.ffn_out(a * F.gelu(b))
 
 # %% ../nbs/40_ufrf.ipynb #37d16060
 class LoRANet(nn.Module):
@@ -62,7 +125,7 @@ class LoRANet(nn.Module):
                  guide:int, # width of the guidance vector
                 ):
         super().__init__()
-        self.down, self.up = nn.Conv3d(c, rank, 1, bias=False), nn.Conv3d(rank, c, 1, bias=False)
+        self.down, self.up = Conv3d(c, rank, 1, bias=False), Conv3d(rank, c, 1, bias=False)
         self.scale = nn.Linear(guide, rank)
         nn.init.zeros_(self.up.weight)
     def forward(self, x:Tensor, # (B, c, D, H, W), channel-normalised
@@ -81,8 +144,8 @@ class LoRABranches(nn.Module):
                 ):
         super().__init__()
         self.rank, self.n = rank, n
-        self.down = nn.Conv3d(c, n * rank, 1, bias=False)                  # B_1 … B_Ñ stacked: c → Ñ·r
-        self.up = nn.Conv3d(n * rank, c, 1, bias=False)                    # A_1 … A_Ñ side by side: Ñ·r → c
+        self.down = Conv3d(c, n * rank, 1, bias=False)                     # B_1 … B_Ñ stacked: c → Ñ·r
+        self.up = Conv3d(n * rank, c, 1, bias=False)                       # A_1 … A_Ñ side by side: Ñ·r → c
         self.scale = nn.Linear(guide, n * rank)                            # the per-sample scales s_j
         nn.init.zeros_(self.up.weight)
     def forward(self, x:Tensor, # (B, c, D, H, W), channel-normalised
@@ -90,6 +153,9 @@ class LoRABranches(nn.Module):
                 p:Tensor, # (B, Ñ) branch weights
                ) -> Tensor: # Σ_j p_j R_j(x) (B, c, D, H, W)
         w = (1 + self.scale(g)) * p.repeat_interleave(self.rank, 1)          # (B, Ñ·r): s_j ⊙ p_j
+        if on_fast_path(x) and x.shape[1] <= 2 * w.shape[1]:                # CPU, few channels: A diag(w) B as one
+            M = (self.up.weight.flatten(1) * w[:, None, :]) @ self.down.weight.flatten(1)   # c × c matrix per sample
+            return mix_channels(x, M)                                       # (B, c, c) applied at every voxel
         return self.up(self.down(x) * w[..., None, None, None])
     def branch(self, j:int, x:Tensor, g:Tensor) -> Tensor:
         "Branch j alone, R_j(x) = A_j (s_j ⊙ B_j x): what `forward` sums."
@@ -127,8 +193,8 @@ class ALSN(nn.Module):
                 p:Tensor, # class probabilities p (B, Ñ)
                ) -> Tensor: # F̃_{i,rf} (B, c, D, H, W)
         x = self.norm(f)
-        out = f + self.base(x, g)                                           # F̃_i + B_i(F̃_i, P̂)
-        if self.lora is not None: return out + self.lora(x, g, p)           # + Σ_j p_j R_ij(F̃_i, P̂), in one go
+        out = add_(self.base(x, g), f)                                      # F̃_i + B_i(F̃_i, P̂)
+        if self.lora is not None: return add_(out, self.lora(x, g, p))      # + Σ_j p_j R_ij(F̃_i, P̂), in one go
         for j, expert in enumerate(self.experts or ()):                    # Multi-Experts: Σ_j p_j BaseNet_j
             out = out + p[:, j, None, None, None, None] * expert(x, g)
         return out
@@ -145,20 +211,20 @@ class UFRF(nn.Module):
         self.n = n = len(ch)
         self.join = min(n - 1, int(math.floor(math.log2(cfg.patch))))    # level where the 1/Q features enter
         self.guide = PromptMLP(cfg.prompt_len, M, M)                       # restoration guidance from P̂ ⊙ p
-        self.inp = nn.Conv3d(2 * C, ch[0], 1)
-        self.coarse = nn.Conv3d(ch[self.join] + 2 * M, ch[self.join], 1)
-        self.down = nn.ModuleList(nn.Conv3d(ch[k - 1], ch[k], 2, stride=2) for k in range(1, n))
+        self.inp = Conv3d(2 * C, ch[0], 1)
+        self.coarse = Conv3d(ch[self.join] + 2 * M, ch[self.join], 1)
+        self.down = nn.ModuleList(Conv3d(ch[k - 1], ch[k], 2, stride=2) for k in range(1, n))
         ex = lambda k: 1 if k == 0 else 2                                  # feed-forward width: thin at full resolution
         self.enc = nn.ModuleList(ConvFFN(ch[k]) for k in range(1, n))
         self.alsn = nn.ModuleList(ALSN(c, _heads(c, cfg.ufrf_head_dim), cfg.n_classes, cfg.lora_rank, M, cfg.alsn,
                                        ffn_expand=1 if k == 0 else cfg.ufrf_ffn_expand)
                                   for k, c in enumerate(ch))
         self.up = nn.ModuleList(nn.ConvTranspose3d(ch[k], ch[k - 1], 2, stride=2) for k in range(1, n))
-        self.fuse = nn.ModuleList(nn.Conv3d(2 * ch[k], ch[k], 1) for k in range(n - 1))
+        self.fuse = nn.ModuleList(Conv3d(2 * ch[k], ch[k], 1) for k in range(n - 1))
         self.dec = nn.ModuleList(ConvFFN(ch[k], expand=ex(k)) for k in range(n - 1))
-        self.out = nn.Conv3d(ch[0], 1, 1)                                   # Y: the fused grey volume
+        self.out = Conv3d(ch[0], 1, 1)                                      # Y: the fused grey volume
         if cfg.colour:                                                      # chroma of colour input (Eq. 13)
-            self.chroma = nn.Conv3d(ch[0] + 2, 2, 1)                        # refines W(C_D, φ), zero at start
+            self.chroma = Conv3d(ch[0] + 2, 2, 1)                           # refines W(C_D, φ), zero at start
             nn.init.zeros_(self.chroma.weight); nn.init.zeros_(self.chroma.bias)
 
     @property
@@ -190,7 +256,7 @@ class UFRF(nn.Module):
             raise ValueError(f"UFRF: spatial size {tuple(size)} must be a multiple of {self.multiple} "
                              f"(the U-Net halves the grid {self.n - 1} times); pad the input (UniFuse does)")
         g = self.guide(prompt, probs)                                       # (B, M): MLP(Σ_k p_k P̂_k)
-        x = self.inp(torch.cat([full_d_warped, full_r], 1))                 # F̃ at full resolution (B, c0, D, H, W)
+        x = conv3d_cat([full_d_warped, full_r], self.inp)                   # F̃ at full resolution (B, c0, D, H, W)
         feats = []
         for k in range(self.n):
             if k:
@@ -200,32 +266,54 @@ class UFRF(nn.Module):
                 if cd.shape[2:] != x.shape[2:]:
                     cd = F.interpolate(cd, size=x.shape[2:], mode="trilinear", align_corners=False)
                     cr = F.interpolate(cr, size=x.shape[2:], mode="trilinear", align_corners=False)
-                x = self.coarse(torch.cat([x, cd, cr], 1))
+                x = conv3d_cat([x, cd, cr], self.coarse)                    # coarse(concat(x, cd, cr))
             if k:
-                x = x + self.enc[k - 1](x)
+                x = add_(self.enc[k - 1](x), x)                             # x + ConvFFN(x)
             feats.append(self.alsn[k](x, g, probs))                         # F̃_{k,rf}
         y = feats[-1]
         for k in range(self.n - 2, -1, -1):                                 # expanding path
-            y = self.fuse[k](torch.cat([self.up[k](y), feats[k]], 1))       # (B, c_k, …)
-            y = y + self.dec[k](y)
+            y = conv3d_cat([self.up[k](y), feats[k]], self.fuse[k])         # fuse(concat(↑y, F̃_k)) (B, c_k, …)
+            y = add_(self.dec[k](y), y)                                     # y + ConvFFN(y)
         out = torch.sigmoid(self.out(y))                                    # Y_fuse (B, 1, D, H, W)
         if chroma is None: return out
         c = (chroma + self.chroma(torch.cat([y, chroma], 1))).clamp(0, 1)   # C_fuse (B, 2, D, H, W)
         return ycbcr_to_rgb(torch.cat([out, c], 1)).clamp(0, 1)             # RGB (B, 3, D, H, W)
 
 # %% ../nbs/40_ufrf.ipynb #f3d53691
+def _gauss_band(n:int, w:int, sigma:float=1.5, device=None, dtype=torch.float32) -> Tensor:
+    "(n − w + 1, n) matrix whose row i holds the normalised Gaussian window (side w, σ) on columns i … i + w − 1: 'valid' filtering along an axis of length n."
+    c = torch.arange(w, dtype=torch.float32) - w // 2
+    g = torch.exp(-(c ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()                                                         # pytorch_msssim's window
+    rows = torch.arange(n - w + 1)
+    band = torch.zeros(n - w + 1, n)
+    band[rows[:, None], rows[:, None] + torch.arange(w)] = g
+    return band.to(device=device, dtype=dtype)
+
+def _gauss_filter(x:Tensor, w:int) -> Tensor:
+    "Separable 'valid' Gaussian filter of (B, C, D, H, W) along W, H, then D: three matrix products."
+    B, C, D, H, W = x.shape
+    x = x @ _gauss_band(W, w, device=x.device, dtype=x.dtype).t()           # (B, C, D, H, W')
+    x = _gauss_band(H, w, device=x.device, dtype=x.dtype) @ x               # (B, C, D, H', W')
+    x = _gauss_band(D, w, device=x.device, dtype=x.dtype) @ x.reshape(B * C, D, -1)   # (B·C, D', H'·W')
+    return x.view(B, C, D - w + 1, H - w + 1, W - w + 1)
+
 def ssim3d(x:Tensor, # (B, C, D, H, W) in [0, 1]
            y:Tensor, # (B, C, D, H, W) in [0, 1]
            win_size:int=11, # Gaussian window side (odd); capped by the smallest side of the volume
           ) -> Tensor: # scalar mean SSIM
-    "3D SSIM on the [0, 1] scale with `pytorch_msssim` (imported here, so the package stays light)."
-    try: from pytorch_msssim import ssim
-    except ImportError as e:
-        raise ImportError("the SSIM loss needs pytorch-msssim: pip install pytorch-msssim") from e
+    "3D SSIM on the [0, 1] scale, `pytorch_msssim.ssim(x, y, data_range=1)`'s definition, Gaussian window as matrix products."
     m = min(x.shape[2:])
     w = min(win_size, m if m % 2 else m - 1)
     if w < 3: raise ValueError(f"ssim3d: volumes of size {tuple(x.shape[2:])} are too small for SSIM (need ≥ 3 a side)")
-    return ssim(x.float(), y.float(), data_range=1.0, size_average=True, win_size=w)
+    x, y = x.float(), y.float()
+    C1, C2 = 0.01 ** 2, 0.03 ** 2                                           # (K1 · range)², (K2 · range)², range 1
+    c = x.shape[1]
+    mu1, mu2, xx, yy, xy = _gauss_filter(torch.cat([x, y, x * x, y * y, x * y], 1), w).split(c, 1)  # local means
+    mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
+    cs = (2 * (xy - mu12) + C2) / ((xx - mu1_sq) + (yy - mu2_sq) + C2)      # contrast-structure term
+    ssim_map = (2 * mu12 + C1) / (mu1_sq + mu2_sq + C1) * cs                # × luminance term
+    return ssim_map.flatten(2).mean(-1).mean()                              # per channel, then the mean
 
 
 def _grads(x:Tensor) -> list[Tensor]:
