@@ -419,8 +419,55 @@ DEGRADE = [
     Case("make_batch: unknown colour map", lambda t: make_batch(t5(), t5(), "pet", colour="no-such-map"), ValueError, ("colour map", "no-such-map")),
     Case("make_batch: strength out of range", lambda t: make_batch(t5(), t5(), "mri", strength=1.5), ValueError, ("strength", r"\[0, 1\]")),
 ]
-TRAIN: list = []
-FUSE: list = []
+from unifuse import train as T
+from unifuse import fuse as F
+
+def _fuse_files(tmp):
+    "A reference, a degraded volume, a flat one, a 4D one, one with a NaN, one far away, junk, and a tiny checkpoint."
+    import nibabel as nib
+    v = vol(16)
+    for name, a in (("ref.nii.gz", v), ("deg.nii.gz", v), ("flat.nii.gz", v[:, :, :1]), ("nan.nii.gz", with_nan(v))):
+        nii(tmp, name, a)
+    nib.save(nib.Nifti1Image(np.stack([v, v], -1), np.eye(4)), str(tmp / "four.nii.gz"))
+    far = np.eye(4); far[:3, 3] = 1000
+    nii(tmp, "far.nii.gz", v, far)
+    (tmp / "junk.pt").write_bytes(b"half a checkpoint")
+    tiny().save(tmp / "m.pt")
+
+def _fuse(ref, deg, *extra):
+    return ["{tmp}/" + ref, "{tmp}/" + deg, "-o", "{tmp}/fused.nii.gz", "--task", "mri", *extra]
+
+def _used_run(tmp):
+    (tmp / "run").mkdir(); (tmp / "run" / "train.log").write_text("an earlier run\n")
+
+TRAIN = [
+    Case("TrainConfig.preset: unknown name", lambda t: T.TrainConfig.preset("huge"), ValueError, ("huge", "expected one of")),
+    Case("TrainConfig: steps 0", lambda t: T.TrainConfig.preset("tiny", steps=0), ValueError, ("steps", ">= 1")),
+    Case("TrainConfig: negative learning rate", lambda t: T.TrainConfig.preset("tiny", lr=-1.0), ValueError, ("lr", "> 0")),
+    Case("TrainConfig.from_dict: unknown field", lambda t: T.TrainConfig.from_dict({"epochz": 3}), ValueError, ("unknown fields", "epochz")),
+    Cli("unifuse-train: --out holds a run", T.main, ["--out", "{tmp}/run", "--steps", "1"], ("--out", "earlier run", "--resume", "--overwrite"), _used_run),
+    Cli("unifuse-train: --resume with nothing to resume", T.main, ["--out", "{tmp}/fresh", "--resume"], ("--resume", "no checkpoint.pt")),
+    Cli("unifuse-train: --cfg unknown field", T.main, ["--out", "{tmp}/r", "--cfg", "patchsize=4"], ("--cfg patchsize", "not a UniFuseConfig field")),
+    Cli("unifuse-train: unknown preset", T.main, ["--out", "{tmp}/r", "--preset", "huge"], ("--preset", "invalid choice")),
+    Cli("unifuse-train: --steps 0", T.main, ["--out", "{tmp}/r", "--steps", "0"], ("--steps", ">= 1", "got 0")),
+    Cli("unifuse-train: --lr negative", T.main, ["--out", "{tmp}/r", "--lr", "-1"], ("--lr", "> 0")),
+    Cli("unifuse-train: --device cuda without CUDA", T.main, ["--out", "{tmp}/r", "--device", "cuda"], ("--device cuda", "no CUDA", "--device cpu"), skip=_cuda_here),
+    Cli("unifuse-train: a reader without --root", T.main, ["--out", "{tmp}/r", "--dataset", "brats2020"], ("--root", "folder", "brats2020")),
+    Cli("unifuse-train: --init missing", T.main, ["--out", "{tmp}/r", "--init", "{tmp}/none.pt"], ("--init", "none.pt", "no such file")),
+]
+FUSE = [
+    Cli("unifuse-fuse: REF missing", F.main, _fuse("none.nii.gz", "deg.nii.gz", "--checkpoint", "{tmp}/m.pt"), ("none.nii.gz", "no such file"), _fuse_files),
+    Cli("unifuse-fuse: a 2D image", F.main, _fuse("flat.nii.gz", "deg.nii.gz", "--checkpoint", "{tmp}/m.pt"), ("flat.nii.gz", "shape", "at least 2 voxels"), _fuse_files),
+    Cli("unifuse-fuse: a 4D image", F.main, _fuse("ref.nii.gz", "four.nii.gz", "--checkpoint", "{tmp}/m.pt"), ("four.nii.gz", "one 3D volume", "4D")),
+    Cli("unifuse-fuse: a NaN voxel", F.main, _fuse("ref.nii.gz", "nan.nii.gz", "--checkpoint", "{tmp}/m.pt"), ("nan.nii.gz", "NaN")),
+    Cli("unifuse-fuse: grids that do not overlap", F.main, _fuse("ref.nii.gz", "far.nii.gz", "--checkpoint", "{tmp}/m.pt"), ("fields of view", "overlap", "same subject")),
+    Cli("unifuse-fuse: not a NIfTI file", F.main, _fuse("junk.pt", "deg.nii.gz", "--checkpoint", "{tmp}/m.pt"), ("junk.pt", "NIfTI")),
+    Cli("unifuse-fuse: unknown task", F.main, ["{tmp}/ref.nii.gz", "{tmp}/deg.nii.gz", "-o", "{tmp}/f.nii.gz", "--task", "xray"], ("--task", "invalid choice")),
+    Cli("unifuse-fuse: checkpoint missing", F.main, _fuse("ref.nii.gz", "deg.nii.gz", "--checkpoint", "{tmp}/none.pt"), ("checkpoint", "none.pt", "no such file")),
+    Cli("unifuse-fuse: checkpoint corrupt", F.main, _fuse("ref.nii.gz", "deg.nii.gz", "--checkpoint", "{tmp}/junk.pt"), ("junk.pt", "not a readable checkpoint")),
+    Cli("unifuse-fuse: no -o", F.main, ["{tmp}/ref.nii.gz", "{tmp}/deg.nii.gz", "--task", "mri"], ("-o FUSED", "to write")),
+]
+for _row in FUSE: _row.setup = _fuse_files                            # every row starts from the same files
 
 ROWS = DATA + SPATIAL + METRICS + EVALUATE + EVAL_CLI + MODEL + DEGRADE + TRAIN + FUSE
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError)
@@ -463,10 +510,11 @@ def test_cli(row, tmp_path, monkeypatch, capsys):
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     argv = [a.replace("{tmp}", str(tmp_path)) for a in row.argv]
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e: row.main(argv)
+    try: code = row.main(argv)                                                   # main returns the exit status,
+    except SystemExit as e: code = e.code                                        # or argparse exits
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.strip()]
-    assert e.value.code == 2, f"exit status {e.value.code}, expected 2; stderr: {err}"
+    assert code == 2, f"exit status {code}, expected 2; stderr: {err}"
     assert len(lines) == 1 and "Traceback" not in err, f"expected one line on stderr, got: {err}"
     _check_message(lines[0], row.match)
     after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Turn a training run into the weights that ship inside the package, with their fingerprint and model card.
+
+    .venv/bin/python scripts/ship_weights.py runs/ship/checkpoint.pt            # name "tiny"
+    .venv/bin/python scripts/ship_weights.py RUN/best.pt --name tiny --size 150 --eval-out runs/ship/card
+
+1. Writes `unifuse/weights/unifuse-<name>.pt` (`UniFuse.save`: weights, config and facts about the run; no
+   optimiser state), atomically.
+2. Records `tests/shipped_fingerprint.json`: what `tests/test_shipped.py` checks the shipped model against.
+3. Evaluates the model on held-out built-in pairs of each task at the spacing it was trained at (one whole head
+   and one skull-stripped head per task, subjects never used in training), beside the naive average of the inputs
+   and the staged classical baseline, and writes the tables into `unifuse/weights/MODEL_CARD.md` between the
+   `<!-- results -->` markers (with --no-eval the card is left as it is).
+"""
+from __future__ import annotations
+import argparse, datetime, importlib.util, json, platform, re, sys, time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BRAIN_LABELS = (1, 2, 3, 6)   # csf, grey matter, white matter, lesion: what skull stripping keeps (as in training)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or ""
+    try: cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except Exception: pass
+    return f"{cpu or platform.machine()}, {torch.get_num_threads()} threads, {platform.system()}"
+
+
+def fingerprint(model) -> dict:
+    spec = importlib.util.spec_from_file_location("test_shipped", ROOT / "tests" / "test_shipped.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod._fingerprint(model)
+
+
+def cases(size:int, seed:int=7):
+    "Held-out built-in pairs: per task one whole head and one skull-stripped head (subjects far from the training pool)."
+    from unifuse.data import builtin_pair
+    from unifuse.evaluate import make_case
+    for t, task in enumerate(("mri", "ct", "pet")):
+        for stripped in (False, True):
+            s = seed * 100_000 + 70_000 + 100 * t + int(stripped)
+            p = builtin_pair(task, seed=s, size=size)
+            if stripped:
+                brain = torch.zeros_like(p["labels"], dtype=torch.bool)
+                for k in BRAIN_LABELS: brain |= p["labels"] == k
+                p = {**p, "ref": p["ref"] * brain, "other": p["other"] * brain, "id": p["id"] + "-stripped"}
+            yield make_case(p, seed=s)
+
+
+def evaluate_model(model, size:int, out:Path) -> dict:
+    from unifuse.evaluate import unifuse_method, baseline_methods, evaluate, write_evaluation
+    methods = {"UniFuse (shipped)": unifuse_method(model)}
+    methods.update(baseline_methods(("average", "pyramid")))
+    t0 = time.time()
+    res = evaluate(list(cases(size)), methods, progress=True)
+    write_evaluation(res, out, {"dataset": "builtin (held out)", "size": size, "methods": list(methods)})
+    return dict(res=res, seconds=time.time() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path, help="a training checkpoint (checkpoint.pt / best.pt) or a UniFuse.save file")
+    ap.add_argument("--name", default="tiny", help="shipped name: unifuse/weights/unifuse-NAME.pt (default tiny)")
+    ap.add_argument("--size", type=int, default=150, help="voxels per side of the held-out heads (150 = 1.49 mm, as trained)")
+    ap.add_argument("--eval-out", type=Path, default=None, help="folder for the evaluation tables (default: beside the checkpoint)")
+    ap.add_argument("--no-eval", action="store_true", help="only write the weights and the fingerprint")
+    a = ap.parse_args(argv)
+    from unifuse.model import UniFuse
+    model = UniFuse.load(a.checkpoint).eval()
+    ck = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
+    tr = ck.get("train") or {}
+    meta = dict(model.meta)
+    meta.update(name=a.name, data="built-in synthetic heads (unifuse.data, from nilearn's MNI152 2009 templates)",
+                wall_time_s=round(float(tr.get("elapsed_s", 0.0))), machine=_machine(),
+                shipped=datetime.date.today().isoformat(), torch_version=torch.__version__)
+    dest = ROOT / "unifuse" / "weights" / f"unifuse-{a.name}.pt"
+    UniFuse.save(model, dest, meta)
+    print(f"wrote {dest.relative_to(ROOT)} ({dest.stat().st_size / 1e6:.2f} MB): {meta}")
+    if a.name == "tiny":
+        fp = fingerprint(UniFuse.load(dest))
+        (ROOT / "tests" / "shipped_fingerprint.json").write_text(json.dumps(fp, indent=1) + "\n")
+        print("wrote tests/shipped_fingerprint.json")
+    if a.no_eval: return
+    out = a.eval_out or a.checkpoint.parent / "card"
+    r = evaluate_model(UniFuse.load(dest).eval(), a.size, out)
+    card = ROOT / "unifuse" / "weights" / "MODEL_CARD.md"
+    fus, ali = (out / "fusion.md").read_text().strip(), (out / "alignment.md").read_text().strip()
+    block = (f"<!-- results -->\nMeasured by `python scripts/ship_weights.py {a.checkpoint.name}` on {meta['shipped']}: six held-out "
+             f"built-in heads ({a.size}³ at {224 / a.size:.2f} mm; per task one whole head and one skull-stripped), means over the "
+             f"six cases; scored against the clean aligned sources. {r['seconds']:.0f} s on {meta['machine']}.\n\n"
+             f"{fus}\n\n{ali}\n<!-- /results -->")
+    text = card.read_text() if card.exists() else "<!-- results -->\n<!-- /results -->\n"
+    text = re.sub(r"<!-- results -->.*<!-- /results -->", lambda m: block, text, flags=re.S)
+    card.write_text(text)
+    print(f"wrote {card.relative_to(ROOT)} and {out}")
+
+
+if __name__ == "__main__":
+    main()
