@@ -39,8 +39,21 @@ def run(path:Path, flags:set, timeout:int, known=("slow", "cuda")) -> float:
             client.execute_cell(cell, i)
             dt = time.time() - t
             if dt > 5: print(f"  {path.name} cell {i}: {dt:.1f} s", file=sys.stderr)
+    drop_dead_widget_views(nb)
     nbformat.write(nb, path)
     return time.time() - t0
+
+
+def drop_dead_widget_views(nb) -> int:
+    """Remove widget views from recorded outputs that also hold a picture: widget state is never saved, so in
+    JupyterLab a saved view can only say "model not found", while the PNG beside it shows what the widget drew."""
+    n = 0
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            d = o.get("data", {})
+            if "application/vnd.jupyter.widget-view+json" in d and "image/png" in d:
+                del d["application/vnd.jupyter.widget-view+json"]; n += 1
+    return n
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@
    `<!-- results -->` markers (with --no-eval the card is left as it is).
 """
 from __future__ import annotations
-import argparse, datetime, importlib.util, json, platform, re, sys, time
+import argparse, datetime, importlib.util, json, os, platform, re, sys, time
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ def _machine() -> str:
     cpu = platform.processor() or ""
     try: cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except Exception: pass
-    return f"{cpu or platform.machine()}, {torch.get_num_threads()} threads, {platform.system()}"
+    return f"{cpu or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def fingerprint(model) -> dict:
@@ -75,7 +75,7 @@ def main(argv=None):
     meta = dict(model.meta)
     meta.update(name=a.name, data="built-in synthetic heads (unifuse.data, from nilearn's MNI152 2009 templates)",
                 wall_time_s=round(float(tr.get("elapsed_s", 0.0))), machine=_machine(),
-                shipped=datetime.date.today().isoformat(), torch_version=torch.__version__)
+                shipped=datetime.date.today().isoformat(), torch_version=str(torch.__version__))
     dest = ROOT / "unifuse" / "weights" / f"unifuse-{a.name}.pt"
     UniFuse.save(model, dest, meta)
     print(f"wrote {dest.relative_to(ROOT)} ({dest.stat().st_size / 1e6:.2f} MB): {meta}")
@@ -87,11 +87,16 @@ def main(argv=None):
     out = a.eval_out or a.checkpoint.parent / "card"
     r = evaluate_model(UniFuse.load(dest).eval(), a.size, out)
     card = ROOT / "unifuse" / "weights" / "MODEL_CARD.md"
-    fus, ali = (out / "fusion.md").read_text().strip(), (out / "alignment.md").read_text().strip()
+    from unifuse.evaluate import summarise, markdown_table, FUSION_COLS, ALIGN_COLS
+    per_task = []
+    for t in ("mri", "ct", "pet"):
+        s = summarise([c for c in r["res"]["cases"] if c["task"] == t])
+        per_task += [markdown_table(s, FUSION_COLS, f"Fusion, {t}"), markdown_table(s, ALIGN_COLS, f"Alignment, {t}")]
+    fus, ali = "\n\n".join(per_task), (out / "alignment.md").read_text().strip()
     block = (f"<!-- results -->\nMeasured by `python scripts/ship_weights.py {a.checkpoint.name}` on {meta['shipped']}: six held-out "
-             f"built-in heads ({a.size}³ at {224 / a.size:.2f} mm; per task one whole head and one skull-stripped), means over the "
-             f"six cases; scored against the clean aligned sources. {r['seconds']:.0f} s on {meta['machine']}.\n\n"
-             f"{fus}\n\n{ali}\n<!-- /results -->")
+             f"built-in heads ({a.size}³ at {224 / a.size:.2f} mm; per task one whole head and one skull-stripped), "
+             f"two cases of each task (mean ± std); scored against the clean aligned sources. {r['seconds']:.0f} s on "
+             f"{meta['machine']}.\n\n{fus}\n\n{ali.replace('**Alignment**', '**Alignment, all six cases**')}\n<!-- /results -->")
     text = card.read_text() if card.exists() else "<!-- results -->\n<!-- /results -->\n"
     text = re.sub(r"<!-- results -->.*<!-- /results -->", lambda m: block, text, flags=re.S)
     card.write_text(text)

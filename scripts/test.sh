@@ -31,6 +31,9 @@ bad = []
 for p in sorted(pathlib.Path("nbs").glob("*.ipynb")):
     nb = json.loads(p.read_text())
     if "widgets" in nb.get("metadata", {}): bad.append(f"{p}: widget state in metadata.widgets (strip it)")
+    dead = sum("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               for c in nb["cells"] for o in c.get("outputs", []))
+    if dead: bad.append(f"{p}: {dead} saved widget view(s) with no state (record with scripts/run_nb.py: it keeps their PNG)")
     if p.stat().st_size > 1_000_000: bad.append(f"{p}: {p.stat().st_size/1e6:.1f} MB, over 1 MB (smaller figures, fewer outputs)")
 if bad: sys.exit("FAIL: notebook hygiene\n  " + "\n  ".join(bad))
 PY

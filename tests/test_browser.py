@@ -1,11 +1,17 @@
 """The widgets of `unifuse.viz` as a person sees them: JupyterLab in headless Chromium.
 
-Starts JupyterLab on localhost (free port, random token, no browser), opens a small notebook written to a
-temporary folder, runs it from the Run menu in Debian's Chromium driven by Playwright (never a downloaded
-browser), and checks that the slice browser drew images, that moving a slider changes them, and that the
-NiiVue 3D view drew a non-blank WebGL canvas. Screenshots go to `$UNIFUSE_SCREENSHOTS` (default: a fresh
-temporary folder); the path is printed.
+Starts one JupyterLab server on localhost (free port, random token, no browser) over a temporary folder and
+drives it with Playwright in Debian's Chromium (never a downloaded browser):
 
+- `test_widgets_in_jupyterlab`: a small notebook runs from the Run menu; the slice browser drew images, moving a
+  slider changes them, and the NiiVue 3D view drew a non-blank WebGL canvas.
+- `test_last_cell_is_a_live_widget[<notebook>]`: every module notebook ENDS with a self-contained widget cell.
+  Those last code cells are copied, in order, into one notebook (one kernel, started in `nbs/`) and run one at a
+  time; for each, the output must be a widget view (`application/vnd.jupyter.widget-view+json`) that drew a
+  non-blank picture and redraws when a slider (or, failing that, a dropdown) moves. A cell that raises fails
+  its notebook's test with the traceback; a cell whose output is no widget fails with that said.
+
+Screenshots go to `$UNIFUSE_SCREENSHOTS` (default: a fresh temporary folder); the path is printed.
 Needs `chromium` (Debian: `apt-get install -y chromium`); without it the test fails. Set
 `UNIFUSE_SKIP_BROWSER=1` to skip it on purpose. `UNIFUSE_CHROMIUM` overrides the browser's path.
 """
@@ -35,6 +41,29 @@ CELLS = [
     # 2: the 3D view (NiiVue, offline)
     "view3d(ball, hot, cmap=['gray', 'hot'], height=300)",
 ]
+
+
+# The module notebooks whose last code cell must be a live widget view (in the order of the package).
+MODULE_NOTEBOOKS = ["00_data", "02_degrade", "03_viz", "10_dapl", "20_oufr", "30_fa", "40_ufrf", "50_model", "90_train"]
+PRELUDE = ("import os, matplotlib\n"
+           f"os.chdir({str(ROOT / 'nbs')!r})   # where the notebooks run\n"
+           "matplotlib.use('Agg')")
+CELL_TIMEOUT_S = 150
+
+
+def _last_code_cell(name: str) -> str:
+    "The source of the last code cell of nbs/<name>.ipynb."
+    nb = json.loads((ROOT / "nbs" / f"{name}.ipynb").read_text())
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    if not code: pytest.fail(f"nbs/{name}.ipynb has no code cell")
+    return code[-1]
+
+
+def _notebook(cells) -> dict:
+    return {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": c}
+                      for c in cells],
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
 
 
 def _free_port() -> int:
@@ -73,6 +102,20 @@ def _wait_visible(page, locator, timeout_s: float):
     pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {locator}")
 
 
+def _open(page, lab, name):
+    "Open notebook `name` in JupyterLab and wait for its kernel to be idle."
+    ws = name.rsplit(".", 1)[0]                           # a workspace of its own: no other notebook restored beside it
+    page.goto(f"{lab['url']}/lab/workspaces/{ws}/tree/{name}?reset&token={lab['token']}", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+    t0 = time.time()                      # should a kernel dialog still come, accept the kernel it offers
+    while time.time() - t0 < 8:
+        dlg = page.locator(".jp-Dialog button.jp-mod-accept")
+        if dlg.count(): dlg.first.click(); break
+        time.sleep(0.5)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+
+
 @pytest.fixture(scope="module")
 def lab():
     "A JupyterLab server on localhost in a temporary folder holding the test notebook."
@@ -85,11 +128,8 @@ def lab():
     except ImportError: pytest.fail("playwright (the Python package) is missing: `pip install playwright` "
                                     "(its browser download is not needed: Debian's chromium is used).")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="unifuse-lab-"))
-    nb = {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": c}
-                    for c in CELLS],
-          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-          "nbformat": 4, "nbformat_minor": 5}
-    (tmp / "viz_check.ipynb").write_text(json.dumps(nb))
+    (tmp / "viz_check.ipynb").write_text(json.dumps(_notebook(CELLS)))
+    (tmp / "last_cells.ipynb").write_text(json.dumps(_notebook([PRELUDE] + [_last_code_cell(n) for n in MODULE_NOTEBOOKS])))
     settings = tmp / "settings" / "@jupyterlab" / "apputils-extension"      # no news / update prompts
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
@@ -116,12 +156,13 @@ def lab():
                 if srv.poll() is not None or time.time() - t0 > 120:
                     pytest.fail(f"JupyterLab did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
                 time.sleep(0.5)
-        # start the notebook's kernel up front, so the page opens on a running session
-        req = urllib.request.Request(f"{url}/api/sessions?token={token}", method="POST",
-                                     headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"path": "viz_check.ipynb", "name": "viz_check.ipynb",
-                                                      "type": "notebook", "kernel": {"name": "python3"}}).encode())
-        urllib.request.urlopen(req, timeout=60)
+        # start the notebooks' kernels up front, so the pages open on running sessions
+        for name in ("viz_check.ipynb", "last_cells.ipynb"):
+            req = urllib.request.Request(f"{url}/api/sessions?token={token}", method="POST",
+                                         headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"path": name, "name": name, "type": "notebook",
+                                                          "kernel": {"name": "python3"}}).encode())
+            urllib.request.urlopen(req, timeout=60)
         yield dict(url=url, token=token, tmp=tmp)
     finally:
         srv.terminate()
@@ -142,15 +183,7 @@ def test_widgets_in_jupyterlab(lab, capsys):
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.on("pageerror", lambda e: errors.append(str(e)))
         try:
-            page.goto(f"{lab['url']}/lab/tree/viz_check.ipynb?token={lab['token']}", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-            t0 = time.time()                      # should a kernel dialog still come, accept the kernel it offers
-            while time.time() - t0 < 8:
-                dlg = page.locator(".jp-Dialog button.jp-mod-accept")
-                if dlg.count(): dlg.first.click(); break
-                time.sleep(0.5)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+            _open(page, lab, "viz_check.ipynb")
             page.click("div.lm-MenuBar-itemLabel:text-is('Run')")
             page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
 
@@ -196,4 +229,122 @@ def test_widgets_in_jupyterlab(lab, capsys):
             raise
         finally:
             browser.close()
+    assert not errors, f"JavaScript errors on the page: {errors[:5]}"
+
+
+@pytest.fixture(scope="module")
+def last_cells_page(lab):
+    "A Chromium page on the notebook of last cells, its prelude cell run; yields (page, JavaScript errors, shots)."
+    from playwright.sync_api import sync_playwright
+    shots = _shots_dir()
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            _open(page, lab, "last_cells.ipynb")
+            _run_cell(page, 0)
+            _wait_done(page, 0, 120, "the prelude")
+            yield page, errors, shots
+        finally:
+            browser.close()
+
+
+def _cell(page, i):
+    return page.locator(".jp-Notebook .jp-Cell").nth(i)
+
+
+def _run_cell(page, i):
+    "Run cell i alone (click into its editor, Shift+Enter)."
+    cell = _cell(page, i)
+    cell.scroll_into_view_if_needed()
+    cell.locator(".jp-InputArea-editor").click()
+    page.keyboard.press("Shift+Enter")
+
+
+def _errors_in(cell):
+    errs = cell.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+    return [t for t in (errs.nth(i).inner_text() for i in range(errs.count())) if "Error" in t or "Traceback" in t]
+
+
+def _wait_done(page, i, timeout_s, what):
+    "Wait until cell i ran (its prompt holds a number); fail at once with the traceback if it raised."
+    cell, t0 = _cell(page, i), time.time()
+    while time.time() - t0 < timeout_s:
+        bad = _errors_in(cell)
+        if bad: pytest.fail(f"{what} raised:\n{bad[0][-2500:]}")
+        prompt = cell.locator(".jp-InputPrompt").first.inner_text().strip()
+        if prompt.startswith("[") and prompt[1:-2].strip().isdigit(): return time.time() - t0
+        time.sleep(0.5)
+    try:                                               # interrupt it, so that the next cells do not queue behind it
+        page.click("div.lm-MenuBar-itemLabel:text-is('Kernel')")
+        page.click(".lm-Menu-itemLabel:text-is('Interrupt Kernel')")
+    except Exception: pass
+    pytest.fail(f"{what} did not finish within {timeout_s} s (kernel interrupted)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODULE_NOTEBOOKS)
+def test_last_cell_is_a_live_widget(last_cells_page, name, capsys):
+    page, errors, shots = last_cells_page
+    i = MODULE_NOTEBOOKS.index(name) + 1
+    what = f"the last code cell of nbs/{name}.ipynb"
+    cell = _cell(page, i)
+    _run_cell(page, i)
+    try:
+        dt = _wait_done(page, i, CELL_TIMEOUT_S, what)
+        # the output of a widget view (application/vnd.jupyter.widget-view+json) holds a .jupyter-widgets view
+        widget = cell.locator(".jp-OutputArea-output:has(.jupyter-widgets), "
+                              ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.widget-view+json']")
+        t0 = time.time()
+        while time.time() - t0 < 30 and not widget.count(): time.sleep(0.5)
+        if not widget.count():
+            pytest.fail(f"{what} is not a widget cell: its output has no application/vnd.jupyter.widget-view+json "
+                        f"(a notebook should end with a self-contained widget view, e.g. SliceBrowser(...), "
+                        f"Interactive(...) or view3d(...)).")
+        widget = widget.first
+        imgs, canvases = widget.locator("img.widget-image"), widget.locator("canvas")
+        t0 = time.time()
+        while time.time() - t0 < 60 and not (imgs.count() or canvases.count()): time.sleep(0.5)
+        if not imgs.count():
+            if not canvases.count(): pytest.fail(f"{what}: the widget drew neither an image nor a canvas")
+            t0, png = time.time(), b""                          # a 3D view: its canvas must not stay blank
+            while time.time() - t0 < 60:
+                png = canvases.first.screenshot(); std, frac = _png_stats(png)
+                if std > 5 and frac > 0.02: break
+                time.sleep(1.0)
+            (shots / f"{name}_canvas.png").write_bytes(png)
+            std, frac = _png_stats(png)
+            assert std > 5 and frac > 0.02, f"{what}: its canvas looks blank (std {std:.1f}, {frac:.1%} non-background)"
+            return
+        img = imgs.first
+        page.wait_for_function("e => e.complete && e.naturalWidth > 50", arg=img.element_handle(), timeout=60_000)
+        before_src = img.get_attribute("src")
+        before = img.screenshot(path=str(shots / f"{name}_before.png"))
+        std, frac = _png_stats(before)
+        assert std > 10 and frac > 0.05, f"{what}: its picture looks blank (std {std:.1f}, {frac:.1%} non-background)"
+        # move the first slider by keyboard (right, or left when it sits at its maximum); else change a dropdown
+        handles = widget.locator(".widget-slider .noUi-handle")
+        if handles.count():
+            h = handles.first
+            h.focus()
+            at_max = h.get_attribute("aria-valuenow") == h.get_attribute("aria-valuemax")
+            for _ in range(2): h.press("ArrowLeft" if at_max else "ArrowRight")
+        else:
+            selects = widget.locator("select")
+            if not selects.count(): pytest.fail(f"{what}: the widget has neither a slider nor a dropdown to move")
+            opts = selects.first.locator("option")
+            cur = selects.first.input_value()
+            other = next(v for v in (opts.nth(k).get_attribute("value") for k in range(opts.count())) if v != cur)
+            selects.first.select_option(other)
+        page.wait_for_function("([e, s]) => e.src !== s", arg=[img.element_handle(), before_src], timeout=90_000)
+        time.sleep(0.5)
+        after = img.screenshot(path=str(shots / f"{name}_after.png"))
+        assert after != before, f"{what}: moving a control did not change the picture"
+        cell.screenshot(path=str(shots / f"{name}_cell.png"))
+        with capsys.disabled(): print(f"  [{name}] widget drawn in {dt:.1f} s, redrawn after a slider move")
+    except BaseException:
+        page.screenshot(path=str(shots / f"{name}_failure.png"), full_page=True)
+        raise
     assert not errors, f"JavaScript errors on the page: {errors[:5]}"

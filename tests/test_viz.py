@@ -193,3 +193,74 @@ def test_explorer_sliders_drive_degradation_and_misalignment():
     with pytest.raises(TypeError, match="callable"): Explorer(None)
     with pytest.raises(ValueError, match="task"): Explorer(_standin, task="xray", size=16)
     with pytest.raises(ValueError, match="warped"): Explorer(lambda r, d: dict(fused=r), size=16)
+
+
+# --- widgets leave a picture: every widget's display carries a PNG of its state beside the live view
+import base64
+
+from unifuse.viz import Interactive, with_picture, modality_display, CT_DISPLAY
+
+_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _data(bundle):
+    return bundle[0] if isinstance(bundle, tuple) else bundle
+
+
+def test_slice_browser_display_has_widget_and_png():
+    br = SliceBrowser(_vol(), _vol(seed=3), planes="axial")
+    d = _data(br._repr_mimebundle_())
+    assert _VIEW in d and "text/plain" in d
+    assert base64.b64decode(d["image/png"]) == br.image.value
+    assert len(d["text/plain"]) < 200                                        # not the widget repr with its PNG bytes
+
+
+def test_slice_browser_labels_column_and_legend():
+    lab = torch.zeros(12, 10, 8); lab[3:6] = 2; lab[7:] = 4
+    br = SliceBrowser(_vol(), labels=lab, label_names=["background", "a", "b", "c", "d"], planes="axial")
+    assert br.titles[-1] == "labels" and len(br.vols) == 2
+    assert [n for n, _ in br.legend] == ["background", "b", "d"]              # only the values present
+    assert br.legend[0][1] == (0.0, 0.0, 0.0)                                 # background black
+    with pytest.raises(ValueError, match="label_names"): SliceBrowser(_vol(), labels=lab, label_names=["x"])
+    with pytest.raises(ValueError, match="labels"): SliceBrowser(_vol(), labels=torch.zeros(2, 2, 2))
+
+
+def test_interactive_redraws_and_displays_png():
+    calls = []
+    def draw(s, plane):
+        calls.append((s, plane))
+        return show_slices(_vol() * s, planes=plane)
+    it = Interactive(draw, s=(0.0, 1.0, 0.5), plane=["axial", "coronal"])
+    assert calls == [(0.5, "axial")]
+    first = it.image.value
+    it.set(s=1.0, plane="coronal")
+    assert calls[-1] == (1.0, "coronal") and len(calls) == 2                 # one redraw for both values
+    assert it.image.value != first
+    it.controls["s"].value = 0.0                                              # moving a control redraws
+    assert calls[-1] == (0.0, "coronal")
+    d = _data(it._repr_mimebundle_())
+    assert _VIEW in d and base64.b64decode(d["image/png"]) == it.image.value
+    with pytest.raises(ValueError, match="at least one control"): Interactive(draw)
+    with pytest.raises(TypeError, match="callable"): Interactive(None, s=(0, 1))
+    with pytest.raises(KeyError, match="no control named"): it.set(t=1)
+
+
+def test_with_picture_and_view3d_picture():
+    import ipywidgets as W
+    lbl = W.Label("x")
+    d = _data(with_picture(lbl, lambda: show_slices(_vol(), planes="axial"))._repr_mimebundle_())
+    assert d[_VIEW]["model_id"] == lbl.model_id and base64.b64decode(d["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(TypeError, match="picture"): with_picture(lbl, 3).png()
+    nv = view3d(_vol(), _vol(seed=4), cmap=["gray", "hot"])
+    d = _data(nv._repr_mimebundle_())
+    assert _VIEW in d and base64.b64decode(d["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    pair = view3d(_vol(), _vol(seed=4), side_by_side=True)
+    assert "image/png" in _data(pair._repr_mimebundle_())
+
+
+def test_modality_display():
+    assert modality_display("CT") == dict(cmap="gray", vmin=CT_DISPLAY[0], vmax=CT_DISPLAY[1])
+    assert modality_display("pet")["cmap"] == "hot" and modality_display("MRI-T1")["vmax"] == 1.0
+    lo, hi = CT_DISPLAY                                                       # brain (20-45 HU) inside the range shown
+    hu = lambda v: -100 + 1000 * v
+    assert hu(lo) < 20 and hu(hi) > 45 and hu(hi) < 300

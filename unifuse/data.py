@@ -32,7 +32,7 @@ __all__ = ['TASKS', 'LABELS', 'CT_WINDOW', 'PAPER_SPLITS', 'builtin_affine', 'ga
 TASKS = {"mri": ("MRI-T1", "MRI-T2"),  # task -> (reference modality, other modality)
          "ct": ("MRI-T1", "CT"),
          "pet": ("CT", "PET")}
-LABELS = ("background", "csf", "grey matter", "white matter", "bone", "soft tissue", "lesion")  # index = label value
+LABELS = ("background", "cerebrospinal fluid", "grey matter", "white matter", "bone", "soft tissue", "lesion")  # index = label value
 
 def _check_task(task):
     if task not in TASKS:

@@ -228,7 +228,7 @@ class UniFuse(nn.Module):
                              f"load with map_location='cpu'")
         try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"UniFuse.load: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            raise ValueError(f"UniFuse.load: {path} is not a readable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
                              f"the file is truncated, corrupt, or was not written by UniFuse.save") from e
         if not isinstance(ckpt, dict) or ckpt.get("format") != "unifuse-model":
             keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__

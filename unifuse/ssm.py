@@ -45,7 +45,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 # %% ../nbs/05_ssm.ipynb #a0badb69
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e): torch's exp2 is about twice as fast as exp on CPU
-_LOG2_TINY = -126.0  # 2^-126 ≈ 1.2e-38, the smallest normal float32: decays below it are taken as it (see below)
+_LOG2_TINY = -126.0  # 2^-126 ≈ 1.2e-38, the smallest normal float32: decays below it are taken as it (see the appendix)
 
 def _workspace(shape, like):
     "Scratch buffers for the halvings of a scan along dim -2 of `shape` (a power of two): {length: (a, x)}."

@@ -213,6 +213,7 @@ class TrainConfig:
     @property
     def ckpt_interval(self) -> int: return self.ckpt_every or self.val_interval
 
+# %% ../nbs/90_train.ipynb #083879c8
 PRESETS = {  # field values of each named recipe (`network`: UniFuseConfig.tiny() or the paper's UniFuseConfig())
     "tiny":  dict(network="tiny", crop=48, val_crop=48, batch=3, steps=TINY_STEPS, lr=2e-3, lr_min=2e-5, warmup=0.1,
                   pool_size=8, val_subjects=2, log_every=5, val_every=0, ckpt_every=0, workers=2),
@@ -284,6 +285,7 @@ def _cached(path:Path, make) -> str:
     _save_entry(path, make())
     return str(path)
 
+# %% ../nbs/90_train.ipynb #d51fc673
 class BuiltinSubjects(torch.utils.data.Dataset):
     "Built-in heads at one spacing, cached in `cache_dir`: item i makes (or finds) subject `seeds[i]` and returns its file."
     def __init__(self, seeds, # built-in subject seeds
@@ -323,6 +325,7 @@ class ReaderSubjects(torch.utils.data.Dataset):
                     spacing_mm=self.spacing, id=str(p["id"]))
     def __getitem__(self, i) -> str: return _cached(self.path(i), lambda: self.make(i))
 
+# %% ../nbs/90_train.ipynb #417e3d75
 def load_entry(path, # a pool file
                device="cpu") -> dict:
     "Read a pool entry onto `device`."
@@ -395,6 +398,7 @@ def task_of(n:int, # sample number in the run (step * batch + index)
     perm = torch.randperm(T, generator=torch.Generator().manual_seed(_seed(seed, 2, n // T)))
     return tasks[int(perm[n % T])]
 
+# %% ../nbs/90_train.ipynb #e7795c54
 def batch_plan(cfg:TrainConfig, step:int, # step number (0-based)
                slots:list, # per buffered subject: (tasks it serves, has labels, head box, brain box or None)
               ) -> list[dict]: # one dict per sample of the global batch
@@ -423,6 +427,7 @@ def shard(plan:list, k:int, # shard index: rank * accum + micro-batch
     b = len(plan) // n
     return plan[k * b:(k + 1) * b]
 
+# %% ../nbs/90_train.ipynb #69ad3d3d
 def make_pairs(plan:list, # (part of) a plan
                entries:list, # the buffered subjects (`load_entry` dicts, on the device)
                cfg:TrainConfig, device, *,
@@ -629,6 +634,7 @@ def _plot_progress(rows:list, best_metric:str):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/90_train.ipynb #d543838f
 def _plot_preview(vb:dict, res:dict, step:int):
     "A preview: one held-out pair per task (rows): I_R, I'_D, W(I'_D, φ), I_fuse (axial middle slices)."
     from matplotlib.figure import Figure
@@ -652,6 +658,7 @@ def _plot_preview(vb:dict, res:dict, step:int):
 def _png(fig) -> bytes:
     buf = io.BytesIO(); fig.savefig(buf, format="png"); return buf.getvalue()
 
+# %% ../nbs/90_train.ipynb #398353ab
 class RunLog:
     "train.log, metrics.csv, progress.png, previews and TensorBoard events of a run in `out`."
     def __init__(self, out, # the run's folder
@@ -732,6 +739,7 @@ def _finite(batch:dict) -> Tensor:
 def _fmt_terms(d:dict) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in d.items())
 
+# %% ../nbs/90_train.ipynb #81bad716
 class Trainer:
     "A training run: model, optimiser, data pool, validation, logs and checkpoints (`run()` trains)."
     def __init__(self, cfg:TrainConfig, # the run's settings
@@ -1196,6 +1204,7 @@ def _kv(items:list, flag:str) -> dict:
         except (ValueError, SyntaxError): out[k.strip()] = v
     return out
 
+# %% ../nbs/90_train.ipynb #59b28882
 def config_from_args(a:argparse.Namespace, saved:dict|None=None) -> TrainConfig:
     "The TrainConfig of a command line (on --resume: the saved one, with runtime fields changed)."
     given = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
@@ -1252,6 +1261,7 @@ def _barrier_all():
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized(): dist.barrier()
 
+# %% ../nbs/90_train.ipynb #249373fb
 def main(argv=None) -> int:
     "Command line entry point of `unifuse-train` (also `torchrun ... -m unifuse.train`)."
     try: a = _parser().parse_args(argv)

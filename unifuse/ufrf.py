@@ -58,6 +58,7 @@ class _ChannelAttention(torch.autograd.Function):
         gk = bmm(k, S[:, c:, c:], bmm(q, S[:, :c, c:]))
         return gq, gk, bmm(g, Mbd), gm, gtau, None
 
+# %% ../nbs/40_ufrf.ipynb #7919dc03
 def _channel_attention_cl(q:Tensor, k:Tensor, v:Tensor, # (B, c, D, H, W) each, channels-last
                           heads:int, temperature:Tensor, # (heads, 1, 1)
                           m:Tensor, # the modulation Resh(MLP(·)) (B, heads, e, e)
@@ -134,7 +135,7 @@ class LoRANet(nn.Module):
         s = 1 + self.scale(g)[..., None, None, None]                        # (B, r, 1, 1, 1)
         return self.up(self.down(x) * s)                                    # A_j (s ⊙ B_j x)
 
-
+# %% ../nbs/40_ufrf.ipynb #f8d3324b
 class LoRABranches(nn.Module):
     "The Ñ LoRANets of one scale as one pair of convolutions: Σ_j p_j A_j (s_j ⊙ B_j x) = A (w ⊙ B x), w = s ⊙ p per rank channel."
     def __init__(self, c:int, # channels
@@ -163,7 +164,7 @@ class LoRABranches(nn.Module):
         s = 1 + self.scale(g)[:, r, None, None, None]                       # (B, r, 1, 1, 1)
         return F.conv3d(F.conv3d(x, self.down.weight[r]) * s, self.up.weight[:, r])
 
-
+# %% ../nbs/40_ufrf.ipynb #cd6cdfca
 class ALSN(nn.Module):
     "Adaptive LoRA Synergistic Network (Eq. 7): BaseNet plus Ñ branches mixed by the class probabilities p."
     def __init__(self, c:int, # channels of the scale
@@ -315,7 +316,7 @@ def ssim3d(x:Tensor, # (B, C, D, H, W) in [0, 1]
     ssim_map = (2 * mu12 + C1) / (mu1_sq + mu2_sq + C1) * cs                # × luminance term
     return ssim_map.flatten(2).mean(-1).mean()                              # per channel, then the mean
 
-
+# %% ../nbs/40_ufrf.ipynb #f40a7da5
 def _grads(x:Tensor) -> list[Tensor]:
     "Absolute finite differences along D, H, W."
     return [x.diff(dim=d).abs() for d in (2, 3, 4)]
