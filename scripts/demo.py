@@ -4,7 +4,7 @@ with it and with the weights that ship in the package, and write NIfTI, PNG and 
 classical baseline.
 
     bash scripts/demo.sh                    # sets up .venv, then runs this file
-    .venv/bin/python scripts/demo.py [--out runs/demo] [--size 128] [--train-args "--steps 50"] [--skip-train]
+    .venv/bin/python scripts/demo.py [--out runs/demo] [--size 96] [--train-args "--steps 50"] [--skip-train]
 
 Writes, under --out:
   train/               the training run (checkpoint.pt, best.pt, train.log, metrics.csv, progress.png, previews/)
@@ -79,18 +79,20 @@ def montage(case:dict, fused:torch.Tensor, flow:torch.Tensor, title:str, path:Pa
     fig = show_montage(ref, deg, aligned, fused.reshape(ref.shape), err, n=6, plane="axial",
                        titles=["reference I_R", "degraded I'_D", "aligned W(I'_D, φ)", "fused", "|fused − max(I_R, I_D)|"],
                        vmin=[0, 0, 0, 0, 0], vmax=[1, 1, 1, 1, 0.5], size=1.5, dpi=100)
-    fig.suptitle(title, fontsize=11)
+    fig.text(0.5, 1.0, title, ha="center", va="bottom", fontsize=11)          # above the column titles (saved with a tight box)
     with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    ap.add_argument("--size", type=int, default=128, help="voxels per side of the held-out pairs (224 mm field of view)")
+    ap.add_argument("--size", type=int, default=96, help="voxels per side of the held-out pairs (224 mm field of view; default 96 = 2.33 mm)")
     ap.add_argument("--seed", type=int, default=3, help="held-out block of built-in subjects (training uses others)")
     ap.add_argument("--train-args", default="", help="extra arguments for unifuse-train, e.g. \"--steps 50\"")
     ap.add_argument("--skip-train", action="store_true", help="reuse OUT/train/checkpoint.pt")
     a = ap.parse_args(argv)
+    import warnings
+    warnings.showwarning = lambda message, category, *rest, **kw: print(f"[demo] {category.__name__}: {message}", flush=True)
     from unifuse.model import UniFuse
     from unifuse.data import builtin_affine
     from unifuse.evaluate import builtin_cases, baseline_methods, evaluate, write_evaluation
