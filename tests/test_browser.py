@@ -171,6 +171,14 @@ def lab():
         log.close()
 
 
+def _launch(p, errors:list):
+    "Debian's Chromium, headless, and one page whose JavaScript errors are appended to `errors`."
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return browser, page
+
+
 @pytest.mark.slow
 def test_widgets_in_jupyterlab(lab, capsys):
     from playwright.sync_api import sync_playwright
@@ -179,9 +187,7 @@ def test_widgets_in_jupyterlab(lab, capsys):
     with capsys.disabled(): print(f"\n[test_browser] screenshots in {shots}")
     errors = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        browser, page = _launch(p, errors)
         try:
             _open(page, lab, "viz_check.ipynb")
             page.click("div.lm-MenuBar-itemLabel:text-is('Run')")
@@ -239,9 +245,7 @@ def last_cells_page(lab):
     shots = _shots_dir()
     errors = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        browser, page = _launch(p, errors)
         try:
             _open(page, lab, "last_cells.ipynb")
             _run_cell(page, 0)

@@ -121,9 +121,10 @@ class RunningNorm(nn.Module):
                ) -> Tensor:         # (B, n)
         if update is None: update = self.training
         update = update and not z.is_meta
-        if update and not bool(self.initialised): self.update(z)     # the very first batch sets them first
+        first = update and not bool(self.initialised)
+        if first: self.update(z)                                     # the very first batch sets them first
         out = (z - self.running_mean) * torch.rsqrt(self.running_var + self.eps) * self.weight + self.bias
-        if update: self.update(z)                                    # then every batch moves them, after use
+        if update and not first: self.update(z)                      # every later batch moves them, after use
         return out
 
 class StateReader(nn.Module):
