@@ -50,14 +50,43 @@ def cases(size:int, seed:int=7):
             yield make_case(p, seed=s)
 
 
+def fuse_method(model, classes:list, window=0, prealign:bool=False):
+    """UniFuse as `unifuse-fuse` runs it: whole volume or `window`³ windows, optionally after the rigid pre-alignment;
+    appends (case id, expected class, predicted class, p) to `classes`."""
+    from unifuse.fuse import fuse_volume, prealign_rigid, degradation_report
+    from unifuse.spatial import warp, compose
+    def m(case):
+        ref, deg = case["ref"], case["deg"]
+        t0 = time.perf_counter()
+        pre = prealign_rigid(ref, deg)[0] if prealign else None
+        with torch.no_grad():
+            o = fuse_volume(model, ref, deg if pre is None else warp(deg, pre), window=window, overlap=0.25)
+        flow = o["flow"].float() if pre is None else compose(pre, o["flow"].float())
+        rep = degradation_report(o["probs"][0], case["task"])
+        classes.append((case["id"], rep["expected"], rep["cls"], rep["probability"]))
+        return o["fused"].float().cpu(), flow, time.perf_counter() - t0
+    return m
+
+
 def evaluate_model(model, size:int, out:Path) -> dict:
-    from unifuse.evaluate import unifuse_method, baseline_methods, evaluate, write_evaluation
-    methods = {"UniFuse (shipped)": unifuse_method(model)}
+    from unifuse.evaluate import baseline_methods, evaluate, write_evaluation
+    classes = {"whole": [], "windows": [], "rigid": []}
+    methods = {"UniFuse (shipped)": fuse_method(model, classes["whole"]),
+               "UniFuse, 48³ windows": fuse_method(model, classes["windows"], window=48),
+               "Rigid + UniFuse": fuse_method(model, classes["rigid"], prealign=True)}
     methods.update(baseline_methods(("average", "pyramid")))
     t0 = time.time()
     res = evaluate(list(cases(size)), methods, progress=True)
     write_evaluation(res, out, {"dataset": "builtin (held out)", "size": size, "methods": list(methods)})
-    return dict(res=res, seconds=time.time() - t0)
+    return dict(res=res, seconds=time.time() - t0, classes=classes)
+
+
+def class_table(classes:dict) -> str:
+    "Predicted degradation class (and p) per case: whole volume against 48³ windows."
+    rows = ["| case | expected | whole volume | 48³ windows |", "|---|---|---|---|"]
+    for (cid, exp, c1, p1), (_, _, c2, p2) in zip(classes["whole"], classes["windows"]):
+        rows.append(f"| {cid} | {exp} | {c1} ({p1:.2f}) | {c2} ({p2:.2f}) |")
+    return "\n".join(rows)
 
 
 def main(argv=None):
@@ -96,7 +125,10 @@ def main(argv=None):
     block = (f"<!-- results -->\nMeasured by `python scripts/ship_weights.py {a.checkpoint.name}` on {meta['shipped']}: six held-out "
              f"built-in heads ({a.size}³ at {224 / a.size:.2f} mm; per task one whole head and one skull-stripped), "
              f"two cases of each task (mean ± std); scored against the clean aligned sources. {r['seconds']:.0f} s on "
-             f"{meta['machine']}.\n\n{fus}\n\n{ali.replace('**Alignment**', '**Alignment, all six cases**')}\n<!-- /results -->")
+             f"{meta['machine']}. UniFuse (shipped): the whole volume in one pass; UniFuse, 48³ windows: in windows of the "
+             f"training crop (overlap 0.25, `unifuse-fuse --window 48`); Rigid + UniFuse: after the rigid pre-alignment "
+             f"(`unifuse-fuse --prealign rigid`).\n\n{fus}\n\n{ali.replace('**Alignment**', '**Alignment, all six cases**')}"
+             f"\n\n**Predicted degradation class** (probability)\n\n{class_table(r['classes'])}\n<!-- /results -->")
     text = card.read_text() if card.exists() else "<!-- results -->\n<!-- /results -->\n"
     text = re.sub(r"<!-- results -->.*<!-- /results -->", lambda m: block, text, flags=re.S)
     card.write_text(text)

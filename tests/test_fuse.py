@@ -109,6 +109,29 @@ def test_flow_convention_in_refs_voxels(files, tmp_path):
     np.testing.assert_allclose(aligned, by_hand, atol=1e-5)                 # the written φ reproduces the written W(DEG, φ)
 
 
+def test_prealign_rigid_undoes_a_shift_and_composes_with_phi(files, tmp_path):
+    """DEG = REF shifted 2 voxels along the file's third axis: the rigid step undoes it, and the written φ (rigid, then the
+    network's) reproduces the written W(DEG, φ), whatever φ the network adds."""
+    img = nib.load(files / "t1.nii.gz")
+    save_nifti(tmp_path / "moved.nii.gz", np.roll(img.get_fdata(dtype=np.float32), 2, axis=2), img.affine)
+    ref = fz.normalise_input(img.get_fdata(dtype=np.float32), "MRI-T1")[0]
+    deg = np.roll(ref, 2, axis=2)                                           # what DEG is after its normalisation
+    head = ref > 0.1
+    for net in ((0.0, 0.0, 0.0), (0.0, 0.0, 1.0)):
+        s = fz.fuse_files(files / "t1.nii.gz", tmp_path / "moved.nii.gz", tmp_path / "f.nii.gz", "mri", model=Stub(flow=net),
+                          flow_path=True, aligned_path=True, prealign="rigid")
+        assert s["prealign"] == "rigid" and any("pre-aligned" in n for n in s["notes"])
+        flow = nib.load(tmp_path / "f_flow.nii.gz").get_fdata(dtype=np.float32)[:, :, :, 0, :]  # (X, Y, Z, 3)
+        aligned = nib.load(tmp_path / "f_aligned.nii.gz").get_fdata(dtype=np.float32)
+        by_hand = warp(torch.from_numpy(deg)[None, None], torch.from_numpy(np.moveaxis(flow, -1, 0))[None])[0, 0].numpy()
+        np.testing.assert_allclose(aligned, by_hand, atol=1e-4)
+        if net == (0.0, 0.0, 0.0):
+            assert abs(float(flow[..., 2][head].mean()) - 2.0) < 0.3          # DEG(p + φ) = REF(p): φ ≈ +2 along axis 2
+            assert np.abs(aligned - ref)[head].mean() < 0.3 * np.abs(deg - ref)[head].mean()
+    with pytest.raises(ValueError, match="prealign"):
+        fz.fuse_files(files / "t1.nii.gz", files / "t2.nii.gz", tmp_path / "g.nii.gz", "mri", model=Stub(), prealign="affine")
+
+
 def test_from_canonical_inverts_to_canonical_for_volumes_and_flows():
     aff, _ = oblique_lps(builtin_affine(8), 8)
     aff = aff @ np.array([[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1.0]])   # axes permuted too

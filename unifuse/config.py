@@ -8,6 +8,7 @@ Docs: https://unifuse.github.io/unifuse/config.html.md"""
 from __future__ import annotations
 import dataclasses, math
 from dataclasses import dataclass, field, asdict
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['DAPL_MODES', 'OUFR_MODES', 'ALSN_MODES', 'LOSS_TERMS', 'UniFuseConfig']
@@ -20,6 +21,7 @@ LOSS_TERMS = ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb")
 
 def _default_weights(): return {k: 1.0 for k in LOSS_TERMS}
 
+# %% ../nbs/08_config.ipynb #180fd3c1
 @dataclass
 class UniFuseConfig:
     "Every size, switch and loss weight of UniFuse. `UniFuseConfig()` is the paper preset."
@@ -89,31 +91,34 @@ class UniFuseConfig:
         need(not bad, f"loss_weights must be finite numbers >= 0, got {bad}")
         self.loss_weights = {**_default_weights(), **{k: float(v) for k, v in self.loss_weights.items()}}
 
-    @property
-    def d_inner(self): return self.expand * self.embed_dim
-    @property
-    def has_clean_class(self): return self.n_classes == 4
+# %% ../nbs/08_config.ipynb #e57da319
+@patch(as_prop=True)
+def d_inner(self:UniFuseConfig): return self.expand * self.embed_dim
+@patch(as_prop=True)
+def has_clean_class(self:UniFuseConfig): return self.n_classes == 4
 
-    @classmethod
-    def tiny(cls, **kw):
-        "A CPU preset: every part present, small widths; for notebooks, tests and 32³ volumes."
-        d = dict(enc_channels=4, patch=4, embed_dim=16, d_state=8, prompt_len=4, fa_channels=16,
-                 ufrf_channels=(8, 16), ufrf_head_dim=16, ufrf_ffn_expand=2.0, lora_rank=2, moda_negatives=32)
-        return cls(**{**d, **kw})
+@patch(cls_method=True)
+def tiny(cls:UniFuseConfig, **kw):
+    "A CPU preset: every part present, small widths; for notebooks, tests and 32³ volumes."
+    d = dict(enc_channels=4, patch=4, embed_dim=16, d_state=8, prompt_len=4, fa_channels=16,
+             ufrf_channels=(8, 16), ufrf_head_dim=16, ufrf_ffn_expand=2.0, lora_rank=2, moda_negatives=32)
+    return cls(**{**d, **kw})
 
-    def replace(self, **kw):
-        "A copy with some fields changed (validated again)."
-        return dataclasses.replace(self, **kw)
+@patch
+def replace(self:UniFuseConfig, **kw):
+    "A copy with some fields changed (validated again)."
+    return dataclasses.replace(self, **kw)
 
-    def to_dict(self):
-        "Plain-Python dict (what checkpoints store)."
-        d = asdict(self); d["ufrf_channels"] = list(d["ufrf_channels"]); return d
+@patch
+def to_dict(self:UniFuseConfig):
+    "Plain-Python dict (what checkpoints store)."
+    d = asdict(self); d["ufrf_channels"] = list(d["ufrf_channels"]); return d
 
-    @classmethod
-    def from_dict(cls, d:dict):
-        "Rebuild from `to_dict`; unknown keys are refused with a clear message."
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown: raise ValueError(f"UniFuseConfig.from_dict: unknown fields {sorted(unknown)} "
-                                     f"(a config from another version of unifuse?); known: {sorted(names)}")
-        return cls(**d)
+@patch(cls_method=True)
+def from_dict(cls:UniFuseConfig, d:dict):
+    "Rebuild from `to_dict`; unknown keys are refused with a clear message."
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown: raise ValueError(f"UniFuseConfig.from_dict: unknown fields {sorted(unknown)} "
+                                 f"(a config from another version of unifuse?); known: {sorted(names)}")
+    return cls(**d)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from einops import rearrange
+from fastcore.basics import patch
 from .config import UniFuseConfig
 from .ssm import MambaBlock
 from .layers import Conv3d, conv3d_cat, to_cl
@@ -127,6 +128,7 @@ class RunningNorm(nn.Module):
         if update and not first: self.update(z)                      # every later batch moves them, after use
         return out
 
+# %% ../nbs/10_dapl.ipynb #e7edf546
 class StateReader(nn.Module):
     "h₁, h₂, h₃ (each (B, d_inner, d_state)) → z (B, d_hidden): concatenated, standardised per feature (`RunningNorm`), projected."
     def __init__(self, d_inner:int, d_state:int, d_hidden:int=64, n_states:int=3):
@@ -240,8 +242,10 @@ class DAPL(nn.Module):
         return dict(feat_d=fd, feat_r=fr, feat_d_hat=fd_hat, states=states, logits=logits, probs=probs,
                     class_probs=class_probs, prompt=prompt, h=h, select=g, grid=grid)
 
-    def ce_loss(self, out:dict,    # the output of `forward`
-                label:Tensor,      # (B,) long class index
-               ) -> Tensor:        # L_ce (Eq. 1); a zero tensor in setting C (no classifier)
-        if out["logits"] is None: return out["feat_d"].new_zeros(())
-        return l_ce(out["logits"], label)
+# %% ../nbs/10_dapl.ipynb #cb421d48
+@patch
+def ce_loss(self:DAPL, out:dict,    # the output of `forward`
+            label:Tensor,      # (B,) long class index
+           ) -> Tensor:        # L_ce (Eq. 1); a zero tensor in setting C (no classifier)
+    if out["logits"] is None: return out["feat_d"].new_zeros(())
+    return l_ce(out["logits"], label)

@@ -248,6 +248,7 @@ def _labels(t):
     lab[lesion >= 0.5] = 6
     return lab
 
+# %% ../nbs/00_data.ipynb #b43f3d87
 def _mix(base, t, vals):
     "Replace `base` by lesion values where the lesion fractions are."
     for k in ("oedema", "tumour", "necrosis"):
@@ -290,6 +291,7 @@ def _pet_suv(s, t, sp):
     suv = _mix(suv, t, dict(oedema=2.5, tumour=14 * (1 + 0.15 * float(j[11])), necrosis=1.0))
     return gaussian_blur(suv[None], [5.0 / 2.355 / float(x) for x in sp])[0]
 
+# %% ../nbs/00_data.ipynb #6cbd8c70
 def gaussian_blur(x:torch.Tensor, # (C, D, H, W) or (B, C, D, H, W)
                   sigma, # blur width in voxels: a float or one per axis (D, H, W)
                  ) -> torch.Tensor:
@@ -424,6 +426,7 @@ def _volume3d(vol, name:str) -> np.ndarray:
         raise ValueError(f"{name}: expected one 3D volume (D, H, W), got shape {tuple(arr.shape)}{hint}")
     return arr
 
+# %% ../nbs/00_data.ipynb #425b94d8
 def check_volume(arr:np.ndarray, # the voxel array
                  name:str="volume", # how to call it in errors (e.g. the file name)
                 ) -> np.ndarray:
@@ -470,6 +473,7 @@ def _cast(arr:np.ndarray, want:np.dtype, name:str) -> np.ndarray:
                          f"(largest {float(np.finfo(want).max):g}){hint}")
     return out
 
+# %% ../nbs/00_data.ipynb #ab93645b
 def load_nifti(path, # a .nii or .nii.gz file
                canonical:bool=False, # reorient to RAS (`to_canonical`) before returning
                tensor:bool=False, # return a torch tensor instead of a numpy array
@@ -500,6 +504,7 @@ def load_nifti(path, # a .nii or .nii.gz file
     if canonical: arr, affine = to_canonical(arr, affine)
     return (torch.from_numpy(np.ascontiguousarray(arr)) if tensor else arr), affine, img.header
 
+# %% ../nbs/00_data.ipynb #fb4f166b
 def _nifti_array(arr:np.ndarray) -> np.ndarray:
     "`arr` in a type NIfTI files hold and common viewers read."
     if arr.dtype == bool: return arr.astype(np.uint8)
@@ -628,6 +633,7 @@ def _extent(shape, affine):
     w = c @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
     return "x {:.0f}..{:.0f}, y {:.0f}..{:.0f}, z {:.0f}..{:.0f} mm".format(*np.ravel(list(zip(w.min(0), w.max(0)))))
 
+# %% ../nbs/00_data.ipynb #f23d3833
 def _grid_shape(shape, name="shape") -> tuple:
     "A target grid's (D, H, W): three positive ints."
     try: out = tuple(int(s) for s in tuple(shape)[-3:])
@@ -665,6 +671,7 @@ def resample_to(vol, # (D, H, W) tensor or array on the grid `affine`
     out = np.where(outside, cval, out)
     return _like(out.astype(dtype, copy=False), vol)
 
+# %% ../nbs/00_data.ipynb #6511f839
 def resample_pair(ref, # reference volume (D, H, W): its grid is kept
                   ref_affine, # (4, 4) voxel -> world of `ref`
                   other, # the other modality (D, H, W), on any grid
@@ -760,6 +767,7 @@ def split_sizes(n:int, # subjects found
     if n >= 2: te = min(max(te, 1), n - 1)
     return n - te, te
 
+# %% ../nbs/00_data.ipynb #bfd9a30a
 def make_split(ids, # all subject ids found
                sizes=None, # (train, test), see `split_sizes`; None: the file's, or (None, None) for a new split
                seed:int|None=None, # the split's random seed; None: the file's, or 0 for a new split
@@ -876,6 +884,7 @@ def _writable(folder):
     import os
     return os.access(folder, os.W_OK)
 
+# %% ../nbs/00_data.ipynb #5446c263
 class BraTS2020(PairDataset):
     "BraTS2020: T1 (reference) and T2 (other) per subject folder; task 'mri'; paper split 369/125."
     dataset, task, paper_sizes = "brats2020", "mri", PAPER_SPLITS["brats2020"]
@@ -933,6 +942,7 @@ class PETCT(PairDataset):
             out.append(dict(id=sid, ref=ct, other=pet[0], group=patient))
         return out
 
+# %% ../nbs/00_data.ipynb #a5298551
 def read_csv_rows(path, # a CSV file with a header row (UTF-8; a byte-order mark, as Excel writes, is fine)
                   name:str="csv_path", # how to call the file's argument in errors
                  ) -> list:
@@ -961,6 +971,7 @@ def read_csv_rows(path, # a CSV file with a header row (UTF-8; a byte-order mark
         rows.append({**{c: (row[i].strip() if i < len(row) else "") for i, c in enumerate(cols)}, "_line": k})
     return rows
 
+# %% ../nbs/00_data.ipynb #3951620e
 class CSVPairs(PairDataset):
     "Pairs listed in a CSV file: columns `reference`, `other` (paths, relative to the CSV's folder), optional `id`, `task`, `mask`."
     dataset, paper_sizes = "csv", (None, None)

@@ -179,6 +179,7 @@ def _backproj_grid(N, n_views, device, dtype):
     vn = (torch.arange(n_views, dtype=torch.float64) * (2.0 / max(n_views - 1, 1)) - 1)[:, None, None].expand_as(tn)
     return torch.stack([tn, vn], -1).reshape(1, n_views * N, N, 2).to(device=device, dtype=dtype)
 
+# %% ../nbs/02_degrade.ipynb #6b57e2bb
 def _check_slices(img, name):
     if not isinstance(img, Tensor) or img.ndim != 3 or img.shape[-1] != img.shape[-2] or img.shape[-1] < 2:
         raise ValueError(f"`{name}` must be a stack of square slices (S, N, N), got {getattr(img, 'shape', img)}")
@@ -199,6 +200,7 @@ def radon(
         out.append(samples[0].sum(-1).view(S, -1, N))  # (S, v, N_det)
     return torch.cat(out, 1)  # (S, V, N_det)
 
+# %% ../nbs/02_degrade.ipynb #b4d97975
 @functools.lru_cache(maxsize=8)
 def _fbp_filter(n_det, kind, device, dtype):
     "Frequency response (P//2 + 1,) of the FBP filter for projections zero-padded to P."
@@ -284,6 +286,7 @@ def _metal_mask(x, s, generator, ranges):
         mask = torch.maximum(mask, blob * active[:, m].view(B, 1, 1, 1))
     return mask[:, None], _lerp(ranges.metal_mu, s)
 
+# %% ../nbs/02_degrade.ipynb #d6f36930
 def metal(
     x:Tensor, # (B, 1, D, H, W) normalised CT volumes in [0, 1]
     strength:float|Tensor=0.5, # s in [0, 1], a float or (B,)
@@ -452,6 +455,7 @@ def _check_batch(ref, other, task, check):
                              "first (e.g. unifuse.data's normalisation)")
     return tasks
 
+# %% ../nbs/02_degrade.ipynb #657c4d49
 def make_batch(
     ref:Tensor, # (B, 1, D, H, W) clean references I_R in [0, 1]
     other:Tensor, # (B, 1, D, H, W) clean other modality I_D, aligned with ref, in [0, 1]

@@ -440,6 +440,7 @@ def vif_scales(size:int) -> int:
         n_used += 1
     return n_used
 
+# %% ../nbs/65_evaluate.ipynb #af8e9eff
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="unifuse-eval",
@@ -474,6 +475,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
+# %% ../nbs/65_evaluate.ipynb #dc222a63
 READERS = {"brats2020": "BraTS2020", "synthrad2023": "SynthRAD2023", "petct": "PETCT", "csv": "CSVPairs"}
 
 def reader_cases(name:str, # a key of `READERS`: "brats2020", "synthrad2023", "petct" or "csv"
@@ -492,6 +494,7 @@ def reader_cases(name:str, # a key of `READERS`: "brats2020", "synthrad2023", "p
     for i in range(min(n, len(ds))):
         yield make_case(ds[i], seed=i, device=device, colour=colour)
 
+# %% ../nbs/65_evaluate.ipynb #a711320f
 def _is_evaluation(folder:Path) -> bool:
     "Whether `folder` holds an evaluation written by `unifuse-eval` (its summary.json)."
     try: d = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
@@ -526,6 +529,7 @@ def _check_device(device:str) -> torch.device:
     elif dev.type not in ("cpu", "cuda", "mps"): _fail(f"--device {device}: expected cpu, cuda or mps")
     return dev
 
+# %% ../nbs/65_evaluate.ipynb #b8dcc7ad
 def write_evaluation(res:dict, # what `evaluate` returns
                      folder, # where to write (created if missing)
                      meta:dict, # facts about the run, stored in summary.json
@@ -561,6 +565,7 @@ def _publish(tmp:Path, out:Path, overwrite:bool):
         if out.exists(): out.rmdir()                                             # an empty folder
         os.rename(tmp, out)
 
+# %% ../nbs/65_evaluate.ipynb #3b888ed0
 def main(argv=None) -> int:
     "Command line entry point of `unifuse-eval`."
     args = _parser().parse_args(argv)

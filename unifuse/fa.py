@@ -110,7 +110,7 @@ def max_level(size, # grid size (d, h, w)
     "Deepest pooling level 2^l that keeps at least `min_side` voxels along every axis of `size`."
     return max(0, int(math.floor(math.log2(max(min(size), 1) / min_side))))
 
-
+# %% ../nbs/30_fa.ipynb #7c8bb58a
 class RegBLK(nn.Module):
     "One registration block: prompt-modulated D and R streams, windowed cross-attention both ways at scale 2^level."
     def __init__(self, c:int, # channels of both streams

@@ -18,14 +18,15 @@ from .data import TASKS, CT_WINDOW, load_nifti, to_canonical, normalize, resampl
 from .degrade import CLASSES, TASKS as DEGRADATION
 from .colour import colourise, PET_CMAP
 from .files import atomic_path
-from .spatial import warp, resize_flow, jacobian_det
+from .spatial import warp, resize_flow, jacobian_det, compose
 from .model import UniFuse
 
 # %% auto #0
-__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'SUMMARY_COLUMNS', 'FuseWarning', 'normalise_input', 'from_canonical',
-           'spacing_of', 'model_spacing', 'spacing_plan', 'resize_volume', 'memory_estimate', 'available_memory',
-           'plan_windows', 'fuse_volume', 'degradation_report', 'folding', 'fuse_arrays', 'write_outputs',
-           'resolve_device', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv', 'main', 'flow_to_canonical']
+__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'PREALIGN', 'SUMMARY_COLUMNS', 'FuseWarning', 'normalise_input',
+           'from_canonical', 'spacing_of', 'model_spacing', 'spacing_plan', 'resize_volume', 'memory_estimate',
+           'available_memory', 'plan_windows', 'fuse_volume', 'degradation_report', 'folding', 'prealign_rigid',
+           'fuse_arrays', 'write_outputs', 'resolve_device', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv',
+           'main', 'flow_to_canonical']
 
 # %% ../nbs/80_fuse.ipynb #9fb914cc
 NORMS = ("auto", "hu", "percentile", "none")  # the choices of --ref-norm / --deg-norm
@@ -65,6 +66,7 @@ def _plausibility(arr:np.ndarray, kind:str, modality:str, name:str, lo:float, hi
         _warn(f"{name}: {modality} intensities are not negative, but {100 * float((arr < -0.02 * hi).mean()):.1f}% of the "
               f"voxels are (down to {_fmt(lo)}); they end up at 0")
 
+# %% ../nbs/80_fuse.ipynb #ef8b1ace
 def normalise_input(vol, # (D, H, W) intensities as stored (HU, SUV, scanner units …), array or tensor
                     modality:str, # "MRI-T1", "MRI-T2", "CT" or "PET" (what `unifuse.data.TASKS` names)
                     how:str="auto", # "auto", "hu" (CT window), "percentile" (foreground 0.5/99.5 %), "none" (as stored)
@@ -247,6 +249,7 @@ def _sliding_window():
                           'pip install "unifuse[eval]", or pass window=0 (--window 0) to fuse the whole volume') from e
     return sliding_window_inference
 
+# %% ../nbs/80_fuse.ipynb #90721f06
 @torch.no_grad()
 def fuse_volume(model, # a UniFuse model (its device is used)
                 ref, # I_R: (D, H, W), (1, D, H, W) or (B, 1, D, H, W) in [0, 1]
@@ -326,6 +329,26 @@ def folding(flow:Tensor, # (B, 3, D, H, W) or (3, D, H, W) displacement in voxel
         bad += int((det <= 0).sum())
     return bad / (f.shape[0] * D * plane)
 
+# %% ../nbs/80_fuse.ipynb #4168f80f
+PREALIGN = ("none", "rigid")  # the choices of --prealign
+
+def prealign_rigid(ref:Tensor, # (1, 1, D, H, W) REF in [0, 1]
+                   deg:Tensor, # (1, 1, D, H, W) grey DEG on the same grid
+                   spacing_mm=None, # voxel size (3,) for the message; None: voxels
+                  ) -> tuple[Tensor, str]: # φ_pre (1, 3, D, H, W) in voxels with DEG(p + φ_pre(p)) ≈ REF(p); a note
+    "Rigid registration of DEG to REF (SimpleITK, mutual information): the displacement field and what it did."
+    try: from unifuse.evaluate import register
+    except ImportError as e:
+        raise ImportError(f"prealign 'rigid' needs SimpleITK and scikit-image ({e.name} is missing): "
+                          "pip install 'unifuse[eval]', or fuse without --prealign") from None
+    reg = register(ref[0, 0].float().cpu(), deg[0, 0].float().cpu(), deformable=False)
+    flow = reg["flow"][None].to(torch.float32)                              # (1, 3, D, H, W)
+    sp = torch.ones(3) if spacing_mm is None else torch.as_tensor(np.asarray(spacing_mm, np.float32))
+    mm = (flow[0] * sp[:, None, None, None]).norm(dim=0)                   # |φ_pre| in mm per voxel
+    unit = "mm" if spacing_mm is not None else "voxels"
+    return flow, (f"DEG pre-aligned to REF by a rigid registration (SimpleITK, mutual information): displacement "
+                  f"{float(mm.mean()):.1f} {unit} on average, {float(mm.max()):.1f} {unit} at most")
+
 # %% ../nbs/80_fuse.ipynb #9b8b9da2
 def _describe(arr:np.ndarray, affine, raw=None) -> str:
     "'182×218×182 voxels, 1.00×1.00×1.00 mm, LPS, oblique 7°, values -3…1043'"
@@ -347,6 +370,7 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
                 window="auto", # "auto", 0 (whole volume) or a window side in voxels (see `fuse_volume`)
                 overlap:float=0.25, # overlap of the windows
                 colour:str|None=None, # task "pet" with a colour model: render PET through this colour map (e.g. "hot")
+                prealign:str="none", # "rigid": align DEG to REF rigidly before the network (see `prealign_rigid`)
                 names=("REF", "DEG"), # how to call the inputs in messages (e.g. their file names)
                 progress:bool=False, # a progress bar over windows
                ) -> dict: # fused (C, X, Y, Z), flow (3, X, Y, Z), aligned (C, X, Y, Z) on REF's grid; affine; report fields
@@ -355,6 +379,7 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
     for k, v in (("ref_norm", ref_norm), ("deg_norm", deg_norm)):
         if v not in NORMS: raise ValueError(f"{k}={v!r}: expected one of {NORMS}")
     _check_window(window, overlap)
+    if prealign not in PREALIGN: raise ValueError(f"prealign={prealign!r}: expected one of {PREALIGN}")
     is_colour = bool(getattr(getattr(model, "cfg", None), "colour", False))
     if colour is not None:
         if task != "pet": raise ValueError(f"colour={colour!r}: colour applies to task 'pet' (PET through a colour map), not {task!r}")
@@ -390,6 +415,7 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
     size, moved = spacing_plan(ref_c.shape, sp, target)
     r = torch.from_numpy(np.ascontiguousarray(ref_c))[None, None]
     d = torch.from_numpy(np.ascontiguousarray(deg_c))[None, None]
+    d_grey = d
     if colour is not None: d = colourise(d, colour)                        # (1, 3, X, Y, Z) RGB
     if target is None:
         notes.append(f"the model records no training spacing: fused at REF's own spacing ({'×'.join(f'{v:.2f}' for v in sp)} mm)")
@@ -397,7 +423,12 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
         notes.append(f"the model was trained at {'×'.join(f'{v:.2f}' for v in target)} mm: fused on {'×'.join(map(str, size))} "
                      f"voxels there, then resampled back to REF's {'×'.join(f'{v:.2f}' for v in sp)} mm")
         r, d = resize_volume(r, size), resize_volume(d, size)
+        if prealign != "none": d_grey = resize_volume(d_grey, size)
     else: notes.append(f"REF's spacing matches the model's ({'×'.join(f'{v:.2f}' for v in target)} mm)")
+    pre = None
+    if prealign == "rigid":                                                # 3b. optional classical rigid step
+        pre, note = prealign_rigid(r, d_grey, spacing_mm=[v * n / m for v, n, m in zip(sp, ref_c.shape, size)])
+        d = warp(d, pre); notes.append(note)
     # 4. fuse
     dev = _model_device(model)
     o = fuse_volume(model, r, d, window=window, overlap=overlap, progress=progress)
@@ -405,6 +436,7 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
     else: notes.append(f"fused in {o['windows']} windows of {o['window']}³ voxels (overlap {overlap:g}, Gaussian blending) on {dev}: "
                        f"the whole volume would need about {memory_estimate(model, size) / 2**30:.1f} GiB")
     fused, flow = o["fused"].cpu(), o["flow"].cpu()
+    if pre is not None: flow = compose(pre, flow)                          # W(W(DEG, φ_pre), φ) = W(DEG, φ_pre ∘ φ)
     for k, t in (("fused", fused), ("flow", flow)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"the model's {k} contains NaN or infinite values: the checkpoint's weights are broken "
@@ -428,7 +460,7 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
                 cls=rep["cls"], probability=rep["probability"], expected=rep["expected"], probs=rep["probs"],
                 folding=fold, spacing_mm=[float(v) for v in sp],
                 model_spacing_mm=None if target is None else [float(v) for v in target],
-                fused_at=list(size), window=o["window"], windows=o["windows"])
+                fused_at=list(size), window=o["window"], windows=o["windows"], prealign=prealign)
 
 # %% ../nbs/80_fuse.ipynb #affadb1f
 def _nifti(data:np.ndarray, # (X, Y, Z) grey, or (C, X, Y, Z) channels first (C = 1 or 3)
@@ -493,6 +525,7 @@ def load_model(checkpoint=None, # a `UniFuse.save` file or a training checkpoint
         model = UniFuse.load(p, map_location="cpu")
     return model.to(dev).eval()
 
+# %% ../nbs/80_fuse.ipynb #c909bd31
 def _check_out(path, what:str) -> Path:
     p = Path(path)
     if not p.name.endswith((".nii", ".nii.gz")):
@@ -518,6 +551,7 @@ def fuse_files(ref_path, # REF (I_R), a .nii/.nii.gz file
                window="auto", # "auto", 0 (whole volume) or a window side in voxels
                overlap:float=0.25, # overlap of the windows
                colour:str|None=None, # task "pet" with a colour model: render PET through this colour map
+               prealign:str="none", # "rigid": a rigid registration before the network (see `prealign_rigid`)
                progress:bool=False, # progress bar over windows
                log=None, # called with each line of what was done (e.g. `print`); None: quiet
               ) -> dict: # what was done and seen: paths, class, probability, folding, notes, warnings, seconds
@@ -527,6 +561,7 @@ def fuse_files(ref_path, # REF (I_R), a .nii/.nii.gz file
     for k, v in (("ref_norm", ref_norm), ("deg_norm", deg_norm)):
         if v not in NORMS: raise ValueError(f"{k}={v!r}: expected one of {NORMS}")
     _check_window(window, overlap)
+    if prealign not in PREALIGN: raise ValueError(f"prealign={prealign!r}: expected one of {PREALIGN}")
     if colour is not None and task != "pet":
         raise ValueError(f"colour={colour!r}: colour applies to task 'pet' (PET through a colour map), not {task!r}")
     out = _check_out(out_path, "output")
@@ -545,7 +580,7 @@ def fuse_files(ref_path, # REF (I_R), a .nii/.nii.gz file
         warnings.simplefilter("always")
         ref, raff, rhdr = load_nifti(ref_path)
         deg, daff, _ = load_nifti(deg_path)
-        r = fuse_arrays(ref, raff, deg, daff, task, model, ref_norm, deg_norm, window, overlap, colour,
+        r = fuse_arrays(ref, raff, deg, daff, task, model, ref_norm, deg_norm, window, overlap, colour, prealign,
                         names=(f"REF {Path(ref_path).name}", f"DEG {Path(deg_path).name}"), progress=progress)
         desc = f"UniFuse fused, task {task}: float32 in [0, 1] on REF's grid"
         items = [(out, _nifti(r["fused"], raff, rhdr, desc + (", RGB" if r["fused"].shape[0] == 3 else "")))]
@@ -561,7 +596,7 @@ def fuse_files(ref_path, # REF (I_R), a .nii/.nii.gz file
                    flow=str(flow_p) if flow_p else "", aligned=str(al_p) if al_p else "",
                    predicted=r["cls"], probability=round(r["probability"], 4), expected=r["expected"],
                    folding_percent=round(100 * r["folding"], 4), spacing_mm=r["spacing_mm"],
-                   model_spacing_mm=r["model_spacing_mm"], fused_at=r["fused_at"], windows=r["windows"],
+                   model_spacing_mm=r["model_spacing_mm"], fused_at=r["fused_at"], windows=r["windows"], prealign=prealign,
                    seconds=round(time.perf_counter() - t0, 2), notes=r["notes"], warnings=seen)
     if log is not None:
         for n in r["notes"]: log(n)
@@ -608,8 +643,9 @@ def read_pairs(csv_path, # a CSV with a header row: reference (or ref), other, o
         ids.add(item["id"]); out.append(item)
     return out
 
+# %% ../nbs/80_fuse.ipynb #06a870b6
 SUMMARY_COLUMNS = ("id", "status", "error", "task", "reference", "degraded", "fused", "flow", "aligned", "predicted",
-                   "probability", "expected", "folding_percent", "windows", "seconds", "warnings")
+                   "probability", "expected", "folding_percent", "windows", "prealign", "seconds", "warnings")
 
 def _write_summary(rows:list, path:Path):
     "summary.csv, rewritten atomically."
@@ -632,7 +668,7 @@ def fuse_csv(csv_path, # the pairs CSV (see `read_pairs`)
              flow:bool=False, aligned:bool=False, # also write <id>_flow.nii.gz / <id>_aligned.nii.gz
              progress:bool=True, # a progress bar over the pairs
              log=None, # called with one line per pair (and per warning); None: quiet
-             **kw, # ref_norm, deg_norm, window, overlap, colour: as in `fuse_files`
+             **kw, # ref_norm, deg_norm, window, overlap, colour, prealign: as in `fuse_files`
             ) -> list: # one summary dict per row (status "ok" or "failed")
     "Fuse every pair of a CSV; a failed row is reported and skipped; `summary.csv` in `out_dir` says what happened."
     from tqdm.auto import tqdm
@@ -716,11 +752,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="overlap of the windows, a fraction in [0, 1) (default 0.25)")
     p.add_argument("--colour", "--color", nargs="?", const=PET_CMAP, default=None, metavar="CMAP",
                    help=f"task pet with a colour model: render PET through a colour map (default {PET_CMAP}) and write RGB")
+    p.add_argument("--prealign", default="none", choices=PREALIGN,
+                   help="rigid: align DEG to REF with a rigid registration (SimpleITK) before the network; none (default)")
     p.add_argument("--csv", help="fuse every pair of this CSV (columns reference,other[,id,task]) instead of REF DEG")
     p.add_argument("--out-dir", help="with --csv: the folder for <id>_fused.nii.gz and summary.csv")
     p.add_argument("--quiet", action="store_true", help="no progress bar; print warnings, failures and errors only")
     return p
 
+# %% ../nbs/80_fuse.ipynb #e6ad0cab
 def _print_warning(message, category, filename, lineno, file=None, line=None):
     print(f"unifuse-fuse: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
@@ -745,7 +784,7 @@ def main(argv:list|None=None, # the arguments (default: the command line)
     "The `unifuse-fuse` command: returns the exit status (0 done, 1 some CSV rows failed, 2 a mistake in the input)."
     try: a = _args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 2   # usage mistakes (2) and --help (0)
-    kw = dict(ref_norm=a.ref_norm, deg_norm=a.deg_norm, window=a.window, overlap=a.overlap, colour=a.colour)
+    kw = dict(ref_norm=a.ref_norm, deg_norm=a.deg_norm, window=a.window, overlap=a.overlap, colour=a.colour, prealign=a.prealign)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")

@@ -182,6 +182,7 @@ def _vif_stats(ref:torch.Tensor, dist:torch.Tensor, slicewise:bool=False):
                       "(values are not comparable with those of larger volumes)")
     return out
 
+# %% ../nbs/60_metrics.ipynb #e4c59229
 def _vif_maps(s1, s2, s12, sigma_nsq:float, eps:float=1e-10):
     "Per-voxel information with distortion (VID), without (VIND) and the gain g, with the reference guards."
     g = s12 / (s1 + eps)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from fastcore.basics import patch
 import unifuse
 from .config import UniFuseConfig
 from .files import atomic_path
@@ -69,40 +70,6 @@ class UniFuse(nn.Module):
         n = {k: sum(p.numel() for p in getattr(self, k).parameters()) for k in ("dapl", "oufr", "fa", "ufrf")}
         return {**n, "total": sum(p.numel() for p in self.parameters())}
 
-    def _check(self, ref, deg):
-        "Refuse what the network cannot fuse, with a message that says what to do; values are not read on `meta`."
-        cd = "1 or 3" if self.cfg.colour else "1"
-        for name, x, c in (("ref", ref, "1"), ("deg", deg, cd)):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"UniFuse: `{name}` must be a torch.Tensor (B, {c}, D, H, W), got {type(x).__name__}")
-            if x.ndim != 5 or str(x.shape[1]) not in c.split(" or "):
-                hint = (" (add batch and channel axes: x[None, None])" if x.ndim == 3 else
-                        " (RGB input needs a colour model: UniFuseConfig(colour=True))" if x.ndim == 5 and x.shape[1] == 3 else "")
-                raise ValueError(f"UniFuse: `{name}` must have shape (B, {c}, D, H, W), got {tuple(x.shape)}{hint}")
-            if x.shape[0] == 0:
-                raise ValueError(f"UniFuse: `{name}` is an empty batch {tuple(x.shape)}; pass at least one volume")
-            if not x.is_floating_point():
-                raise TypeError(f"UniFuse: `{name}` must be a floating tensor with intensities in [0, 1], got {x.dtype}")
-        if ref.shape[0] != deg.shape[0] or ref.shape[2:] != deg.shape[2:]:
-            raise ValueError(f"UniFuse: `ref` and `deg` must have the same batch size and grid (resample one onto the other's "
-                             f"grid), got {tuple(ref.shape)} and {tuple(deg.shape)}")
-        p = next(self.parameters())
-        dev = p.device
-        if p.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"UniFuse: the model's weights are {p.dtype}; UniFuse keeps its weights in float32 (or float64). "
-                            f"For half precision keep float32 weights and run under torch.autocast(device_type="
-                            f"{dev.type!r}, dtype=torch.bfloat16)")
-        if ref.device != dev or deg.device != dev:
-            raise ValueError(f"UniFuse: inputs are on {ref.device}/{deg.device} but the model is on {dev}; "
-                             f"move them with .to({str(dev)!r})")
-        if dev.type == "meta": return                                       # shapes only: no values to read
-        for name, x in (("ref", ref), ("deg", deg)):
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"UniFuse: `{name}` contains NaN or infinite values; clean or mask them first")
-        lo, hi = float(torch.minimum(ref.min(), deg.min())), float(torch.maximum(ref.max(), deg.max()))
-        if lo < -0.1 or hi > 1.1:
-            warnings.warn(f"UniFuse: intensities span [{lo:.3g}, {hi:.3g}]; the model expects volumes scaled to [0, 1]")
-
     def _run(self, ref:Tensor, deg:Tensor) -> dict:
         "Everything of one forward pass on already padded inputs (sides multiples of `self.multiple`)."
         size = tuple(ref.shape[2:])
@@ -129,123 +96,167 @@ class UniFuse(nn.Module):
         return dict(fused=crop_to(o["fused"], size), flow=crop_to(o["flow"], size),
                     warped=crop_to(o["warped"], size), probs=o["probs"])
 
-    def _check_batch(self, batch):
-        "The training tuple of `make_batch`: keys, shapes, devices and (off `meta`) finite values."
-        need = ("ref", "deg", "deg_label", "ref_moved", "deg_fine", "flow", "label")
-        if not isinstance(batch, dict) or any(k not in batch for k in need):
-            have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise ValueError(f"UniFuse.loss: batch must be the dict of unifuse.degrade.make_batch with keys {need}; got {have}")
-        ref, deg = batch["ref"], batch["deg"]
-        self._check(ref, deg)
-        B, size = ref.shape[0], tuple(ref.shape[2:])
-        expect = dict(deg_label=(B, deg.shape[1], *size), ref_moved=(B, 1, *size), deg_fine=(B, deg.shape[1], *size),
-                      flow=(B, 3, *size), label=(B,))
-        for k, shp in expect.items():
-            x = batch[k]
-            if not isinstance(x, Tensor) or tuple(x.shape) != shp:
-                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-                raise ValueError(f"UniFuse.loss: batch[{k!r}] must be {shp} to match ref {tuple(ref.shape)} and deg "
-                                 f"{tuple(deg.shape)}, got {got}; build batches with unifuse.degrade.make_batch")
-            if x.device != ref.device:
-                raise ValueError(f"UniFuse.loss: batch[{k!r}] is on {x.device}, ref on {ref.device}; move the whole batch to one device")
-        if batch["label"].dtype != torch.long:
-            raise TypeError(f"UniFuse.loss: batch['label'] must be a long tensor of class indices, got {batch['label'].dtype}")
-        if ref.device.type == "meta": return
-        bad = [k for k in ("deg_label", "ref_moved", "deg_fine", "flow") if not bool(torch.isfinite(batch[k]).all())]
-        if bad: raise ValueError(f"UniFuse.loss: batch{bad} contain NaN or infinite values; the training tuple must be finite")
-
-    def loss(self, batch:dict, # from `unifuse.degrade.make_batch`: ref, deg, deg_label, ref_moved, deg_fine, flow, label
-             generator:torch.Generator|None=None, # for L_moda's random negatives
-            ) -> dict: # ce, moda, reg, ssim, inten, grad, crcb (unweighted) and total (Eq. 15, weighted)
-        "Every term of the total loss (Eq. 15) on one training batch."
-        self._check_batch(batch)
-        cfg, w = self.cfg, self.cfg.loss_weights
-        dtype = next(self.parameters()).dtype
-        b = {k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in batch.items()}
-        ref, deg = b["ref"], b["deg"]
-        m = self.multiple
-        pad = lambda x: pad_to_multiple(x, m)[0]
-        size = tuple(ref.shape[2:])
-        o = self._run(pad(ref), pad(deg))                                   # the training pair {I'_D, I_R}
-        d = o["dapl"]
-        L = dict(ce=self.dapl.ce_loss(d, b["label"]))                       # Eq. 1
-        zero = ref.new_zeros(())
-        if w["moda"] != 0:                                                  # the second pair {I_D, I'_R}
-            d2 = self.dapl(pad(luma(b["deg_label"])), pad(b["ref_moved"]), update=False)   # only training pairs move the read-out's statistics
-            fbar_d2, fbar_rp = self.oufr(d2["feat_d_hat"], d2["feat_r"], d2["states"])   # F̄_D, F̄'_R
-            L["moda"] = moda_loss(o["fbar_d"], o["fbar_r"], fbar_d2, fbar_rp,          # Eq. 4: (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
-                                  K=cfg.moda_negatives, tau=cfg.moda_tau, generator=generator)
-        else: L["moda"] = zero
-        flow = crop_to(o["flow"], size)
-        L["reg"] = reg_loss(flow, b["flow"])                                # Eq. 6
-        target_d = crop_to(warp(pad(b["deg_fine"]), o["flow"]), size)       # W(I'_fine, φ_D→R)
-        L.update(fusion_losses(crop_to(o["fused"], size), target_d, ref))   # Eq. 11–13
-        L["total"] = sum(w[k] * L[k] for k in ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb"))  # Eq. 15
-        return L
-
-    def checkpoint(self, meta:dict|None=None, # plain-Python facts to keep beside the weights (spacing trained at, steps, ...)
-                  ) -> dict: # what `save` writes; training checkpoints add their own keys to it
-        "The checkpoint dict: format, version, config, weights (on the CPU) and `meta`."
-        return dict(format="unifuse-model", format_version=FORMAT_VERSIONS[-1], unifuse_version=unifuse.__version__,
-                    config=self.cfg.to_dict(), state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()},
-                    meta={**self.meta, **(meta or {})})
-
-    def save(self, path, # file to write (parent folders are created)
-             meta:dict|None=None, # extra plain-Python facts stored in the file and restored as `model.meta`
-            ):
-        "Write weights, config and `meta` to `path` atomically (a temporary file, then `os.replace`)."
-        with atomic_path(path) as tmp: torch.save(self.checkpoint(meta), tmp)
-        return Path(path)
-
-    @classmethod
-    def pretrained(cls, name:str="tiny", # which shipped weights: see `UniFuse.shipped()`
-                   map_location="cpu", # where to put the tensors
-                  ) -> UniFuse:
-        "The weights that ship inside the package (trained on the built-in data; see the model card)."
-        path = _weights_dir() / f"unifuse-{name}.pt"
-        if not path.is_file():
-            have = cls.shipped()
-            raise FileNotFoundError(f"UniFuse.pretrained: no shipped weights named {name!r} (looked for {path.name} in the "
-                                    f"package); available: {have or 'none in this installation'}")
-        return cls.load(path, map_location)
-
+    # static, so it stays in the class body: `@patch` finds the class from an annotated first argument
     @staticmethod
     def shipped() -> list[str]:
         "Names of the weights that ship inside the package (`UniFuse.pretrained(name)`)."
         d = _weights_dir()
         return sorted(p.name[len("unifuse-"):-3] for p in d.glob("unifuse-*.pt")) if d.is_dir() else []
 
-    @classmethod
-    def load(cls, path, # a file written by `UniFuse.save`
-             map_location="cpu", # where to put the tensors
-            ) -> UniFuse:
-        "Rebuild a model from `UniFuse.save`'s file (tensors read with `weights_only=True`)."
-        path = Path(path)
-        if not path.is_file(): raise FileNotFoundError(f"UniFuse.load: no file at {path}")
-        dev = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
-        if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"UniFuse.load: map_location={str(map_location)!r} but this machine has no CUDA GPU; "
-                             f"load with map_location='cpu'")
-        try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"UniFuse.load: {path} is not a readable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
-                             f"the file is truncated, corrupt, or was not written by UniFuse.save") from e
-        if not isinstance(ckpt, dict) or ckpt.get("format") != "unifuse-model":
-            keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"UniFuse.load: {path} is not a UniFuse checkpoint (expected a dict with "
-                             f"format='unifuse-model', found {keys}); write checkpoints with UniFuse.save")
-        if ckpt.get("format_version") not in FORMAT_VERSIONS:
-            raise ValueError(f"UniFuse.load: {path} has format_version={ckpt.get('format_version')!r}, which this unifuse "
-                             f"({unifuse.__version__}) does not know (it reads {FORMAT_VERSIONS}); it was written by unifuse "
-                             f"{ckpt.get('unifuse_version')}: install that version or a newer unifuse")
-        missing = [k for k in ("config", "state_dict") if not isinstance(ckpt.get(k), dict)]
-        if missing:
-            raise ValueError(f"UniFuse.load: {path} has no {' and no '.join(missing)} (a UniFuse checkpoint holds both); "
-                             f"the file was not written by UniFuse.save")
-        model = cls(UniFuseConfig.from_dict(ckpt["config"]))
-        try: model.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as e:
-            raise ValueError(f"UniFuse.load: the weights in {path} do not fit the model its config builds "
-                             f"(written by unifuse {ckpt.get('unifuse_version')}): {str(e)[:300]}") from e
-        model.meta = dict(ckpt.get("meta") or {})
-        return model.to(dev) if dev is not None else model
+# %% ../nbs/50_model.ipynb #01e72965
+@patch
+def _check(self:UniFuse, ref, deg):
+    "Refuse what the network cannot fuse, with a message that says what to do; values are not read on `meta`."
+    cd = "1 or 3" if self.cfg.colour else "1"
+    for name, x, c in (("ref", ref, "1"), ("deg", deg, cd)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"UniFuse: `{name}` must be a torch.Tensor (B, {c}, D, H, W), got {type(x).__name__}")
+        if x.ndim != 5 or str(x.shape[1]) not in c.split(" or "):
+            hint = (" (add batch and channel axes: x[None, None])" if x.ndim == 3 else
+                    " (RGB input needs a colour model: UniFuseConfig(colour=True))" if x.ndim == 5 and x.shape[1] == 3 else "")
+            raise ValueError(f"UniFuse: `{name}` must have shape (B, {c}, D, H, W), got {tuple(x.shape)}{hint}")
+        if x.shape[0] == 0:
+            raise ValueError(f"UniFuse: `{name}` is an empty batch {tuple(x.shape)}; pass at least one volume")
+        if not x.is_floating_point():
+            raise TypeError(f"UniFuse: `{name}` must be a floating tensor with intensities in [0, 1], got {x.dtype}")
+    if ref.shape[0] != deg.shape[0] or ref.shape[2:] != deg.shape[2:]:
+        raise ValueError(f"UniFuse: `ref` and `deg` must have the same batch size and grid (resample one onto the other's "
+                         f"grid), got {tuple(ref.shape)} and {tuple(deg.shape)}")
+    p = next(self.parameters())
+    dev = p.device
+    if p.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"UniFuse: the model's weights are {p.dtype}; UniFuse keeps its weights in float32 (or float64). "
+                        f"For half precision keep float32 weights and run under torch.autocast(device_type="
+                        f"{dev.type!r}, dtype=torch.bfloat16)")
+    if ref.device != dev or deg.device != dev:
+        raise ValueError(f"UniFuse: inputs are on {ref.device}/{deg.device} but the model is on {dev}; "
+                         f"move them with .to({str(dev)!r})")
+    if dev.type == "meta": return                                       # shapes only: no values to read
+    for name, x in (("ref", ref), ("deg", deg)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"UniFuse: `{name}` contains NaN or infinite values; clean or mask them first")
+    lo, hi = float(torch.minimum(ref.min(), deg.min())), float(torch.maximum(ref.max(), deg.max()))
+    if lo < -0.1 or hi > 1.1:
+        warnings.warn(f"UniFuse: intensities span [{lo:.3g}, {hi:.3g}]; the model expects volumes scaled to [0, 1]")
+
+# %% ../nbs/50_model.ipynb #12962ce7
+@patch
+def _check_batch(self:UniFuse, batch):
+    "The training tuple of `make_batch`: keys, shapes, devices and (off `meta`) finite values."
+    need = ("ref", "deg", "deg_label", "ref_moved", "deg_fine", "flow", "label")
+    if not isinstance(batch, dict) or any(k not in batch for k in need):
+        have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"UniFuse.loss: batch must be the dict of unifuse.degrade.make_batch with keys {need}; got {have}")
+    ref, deg = batch["ref"], batch["deg"]
+    self._check(ref, deg)
+    B, size = ref.shape[0], tuple(ref.shape[2:])
+    expect = dict(deg_label=(B, deg.shape[1], *size), ref_moved=(B, 1, *size), deg_fine=(B, deg.shape[1], *size),
+                  flow=(B, 3, *size), label=(B,))
+    for k, shp in expect.items():
+        x = batch[k]
+        if not isinstance(x, Tensor) or tuple(x.shape) != shp:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"UniFuse.loss: batch[{k!r}] must be {shp} to match ref {tuple(ref.shape)} and deg "
+                             f"{tuple(deg.shape)}, got {got}; build batches with unifuse.degrade.make_batch")
+        if x.device != ref.device:
+            raise ValueError(f"UniFuse.loss: batch[{k!r}] is on {x.device}, ref on {ref.device}; move the whole batch to one device")
+    if batch["label"].dtype != torch.long:
+        raise TypeError(f"UniFuse.loss: batch['label'] must be a long tensor of class indices, got {batch['label'].dtype}")
+    if ref.device.type == "meta": return
+    bad = [k for k in ("deg_label", "ref_moved", "deg_fine", "flow") if not bool(torch.isfinite(batch[k]).all())]
+    if bad: raise ValueError(f"UniFuse.loss: batch{bad} contain NaN or infinite values; the training tuple must be finite")
+
+@patch
+def loss(self:UniFuse, batch:dict, # from `unifuse.degrade.make_batch`: ref, deg, deg_label, ref_moved, deg_fine, flow, label
+         generator:torch.Generator|None=None, # for L_moda's random negatives
+        ) -> dict: # ce, moda, reg, ssim, inten, grad, crcb (unweighted) and total (Eq. 15, weighted)
+    "Every term of the total loss (Eq. 15) on one training batch."
+    self._check_batch(batch)
+    cfg, w = self.cfg, self.cfg.loss_weights
+    dtype = next(self.parameters()).dtype
+    b = {k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in batch.items()}
+    ref, deg = b["ref"], b["deg"]
+    m = self.multiple
+    pad = lambda x: pad_to_multiple(x, m)[0]
+    size = tuple(ref.shape[2:])
+    o = self._run(pad(ref), pad(deg))                                   # the training pair {I'_D, I_R}
+    d = o["dapl"]
+    L = dict(ce=self.dapl.ce_loss(d, b["label"]))                       # Eq. 1
+    zero = ref.new_zeros(())
+    if w["moda"] != 0:                                                  # the second pair {I_D, I'_R}
+        d2 = self.dapl(pad(luma(b["deg_label"])), pad(b["ref_moved"]), update=False)   # only training pairs move the read-out's statistics
+        fbar_d2, fbar_rp = self.oufr(d2["feat_d_hat"], d2["feat_r"], d2["states"])   # F̄_D, F̄'_R
+        L["moda"] = moda_loss(o["fbar_d"], o["fbar_r"], fbar_d2, fbar_rp,          # Eq. 4: (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
+                              K=cfg.moda_negatives, tau=cfg.moda_tau, generator=generator)
+    else: L["moda"] = zero
+    flow = crop_to(o["flow"], size)
+    L["reg"] = reg_loss(flow, b["flow"])                                # Eq. 6
+    target_d = crop_to(warp(pad(b["deg_fine"]), o["flow"]), size)       # W(I'_fine, φ_D→R)
+    L.update(fusion_losses(crop_to(o["fused"], size), target_d, ref))   # Eq. 11–13
+    L["total"] = sum(w[k] * L[k] for k in ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb"))  # Eq. 15
+    return L
+
+# %% ../nbs/50_model.ipynb #e412bbad
+@patch
+def checkpoint(self:UniFuse, meta:dict|None=None, # plain-Python facts to keep beside the weights (spacing trained at, steps, ...)
+              ) -> dict: # what `save` writes; training checkpoints add their own keys to it
+    "The checkpoint dict: format, version, config, weights (on the CPU) and `meta`."
+    return dict(format="unifuse-model", format_version=FORMAT_VERSIONS[-1], unifuse_version=unifuse.__version__,
+                config=self.cfg.to_dict(), state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()},
+                meta={**self.meta, **(meta or {})})
+
+@patch
+def save(self:UniFuse, path, # file to write (parent folders are created)
+         meta:dict|None=None, # extra plain-Python facts stored in the file and restored as `model.meta`
+        ):
+    "Write weights, config and `meta` to `path` atomically (a temporary file, then `os.replace`)."
+    with atomic_path(path) as tmp: torch.save(self.checkpoint(meta), tmp)
+    return Path(path)
+
+# %% ../nbs/50_model.ipynb #3647120c
+@patch(cls_method=True)
+def pretrained(cls:UniFuse, name:str="tiny", # which shipped weights: see `UniFuse.shipped()`
+               map_location="cpu", # where to put the tensors
+              ) -> UniFuse:
+    "The weights that ship inside the package (trained on the built-in data; see the model card)."
+    path = _weights_dir() / f"unifuse-{name}.pt"
+    if not path.is_file():
+        have = cls.shipped()
+        raise FileNotFoundError(f"UniFuse.pretrained: no shipped weights named {name!r} (looked for {path.name} in the "
+                                f"package); available: {have or 'none in this installation'}")
+    return cls.load(path, map_location)
+
+@patch(cls_method=True)
+def load(cls:UniFuse, path, # a file written by `UniFuse.save`
+         map_location="cpu", # where to put the tensors
+        ) -> UniFuse:
+    "Rebuild a model from `UniFuse.save`'s file (tensors read with `weights_only=True`)."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"UniFuse.load: no file at {path}")
+    dev = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"UniFuse.load: map_location={str(map_location)!r} but this machine has no CUDA GPU; "
+                         f"load with map_location='cpu'")
+    try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"UniFuse.load: {path} is not a readable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
+                         f"the file is truncated, corrupt, or was not written by UniFuse.save") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "unifuse-model":
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"UniFuse.load: {path} is not a UniFuse checkpoint (expected a dict with "
+                         f"format='unifuse-model', found {keys}); write checkpoints with UniFuse.save")
+    if ckpt.get("format_version") not in FORMAT_VERSIONS:
+        raise ValueError(f"UniFuse.load: {path} has format_version={ckpt.get('format_version')!r}, which this unifuse "
+                         f"({unifuse.__version__}) does not know (it reads {FORMAT_VERSIONS}); it was written by unifuse "
+                         f"{ckpt.get('unifuse_version')}: install that version or a newer unifuse")
+    missing = [k for k in ("config", "state_dict") if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise ValueError(f"UniFuse.load: {path} has no {' and no '.join(missing)} (a UniFuse checkpoint holds both); "
+                         f"the file was not written by UniFuse.save")
+    model = cls(UniFuseConfig.from_dict(ckpt["config"]))
+    try: model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"UniFuse.load: the weights in {path} do not fit the model its config builds "
+                         f"(written by unifuse {ckpt.get('unifuse_version')}): {str(e)[:300]}") from e
+    model.meta = dict(ckpt.get("meta") or {})
+    return model.to(dev) if dev is not None else model

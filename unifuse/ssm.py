@@ -108,6 +108,7 @@ def _needs_clamp(delta):
     "Clamp the exponents on CPU only (its exp2 slows down ~40x on subnormal results): decided from the device, never from values."
     return delta.device.type == "cpu"
 
+# %% ../nbs/05_ssm.ipynb #c0651609
 class _ChunkedScan(torch.autograd.Function):
     "h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = C_t h_t, block by block; backward recomputes each block's states."
     @staticmethod
@@ -218,6 +219,7 @@ def _check(u, delta, A, B, C, D, z, delta_bias):
     if delta_bias is not None and delta_bias.shape != (d,): fail("delta_bias", f"(dim,) = ({d},)", tuple(delta_bias.shape))
     return G
 
+# %% ../nbs/05_ssm.ipynb #97a1cdae
 def _default_chunk(u, N, cpu_budget=2**18):
     "Steps per block: a block's (b, dim, T, N) state tensor of about 1 MiB per CPU thread (it stays in cache), up to 256 MiB on a GPU."
     per_step = u.shape[0] * u.shape[1] * N                                 # floats per time step
@@ -301,6 +303,7 @@ def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, re
         h = h.detach().float() + (hc - hc.detach())
     return y, h
 
+# %% ../nbs/05_ssm.ipynb #cd707cf8
 def _pick_backend(backend, u):
     "backend argument, else $UNIFUSE_SSM_BACKEND, else 'cuda' for CUDA tensors when mamba-ssm imports, else 'torch'."
     src = "backend"
@@ -349,6 +352,7 @@ def _excl_cumsum(x):
     r[..., 1:] = x[..., :-1].cumsum(-1)
     return r
 
+# %% ../nbs/05_ssm.ipynb #6f0a2349
 class _LastState(torch.autograd.Function):
     "h_L = Σ_t exp(A R_t) Δ_t B_t u_t block by block over t (time innermost: long vector loops), and its gradient the same way."
     @staticmethod
@@ -405,6 +409,7 @@ class _LastState(torch.autograd.Function):
         gdelta = gv * u + _excl_cumsum(gR)                                      # via Δ_t u_t and via every later R
         return gv * delta, gdelta, gA.view(d, N), gB, None, None
 
+# %% ../nbs/05_ssm.ipynb #bc18afc0
 def selective_scan_last_state(u:torch.Tensor,  # input sequence u (batch, dim, seqlen)
                               delta:torch.Tensor,  # step sizes Δ before bias and softplus (batch, dim, seqlen)
                               A:torch.Tensor,  # state matrix (dim, d_state)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
+from fastcore.basics import patch
 from .config import UniFuseConfig, LOSS_TERMS
 from .model import UniFuse
 from .files import atomic_path, write_bytes, write_json, write_text
@@ -174,44 +175,48 @@ class TrainConfig:
         if not isinstance(self.model, dict): raise TypeError(f"model must be a dict of UniFuseConfig fields, got {type(self.model).__name__}")
         self.model = UniFuseConfig.from_dict(self.model).to_dict()  # validated and complete
 
-    @classmethod
-    def preset(cls, name:str="tiny", # "tiny", "cpu", "short" or "paper"
-               **overrides) -> TrainConfig:
-        "A named recipe with some fields changed."
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r} (--preset): expected one of {tuple(PRESETS)}")
-        d = dict(PRESETS[name])
-        d["model"] = (UniFuseConfig() if d.pop("network") == "paper" else UniFuseConfig.tiny()).to_dict()
-        if isinstance(overrides.get("model"), dict): d["model"] = {**d["model"], **overrides.pop("model")}
-        return cls(preset=name, **{**d, **overrides})
+# %% ../nbs/90_train.ipynb #1ea57b6f
+@patch(cls_method=True)
+def preset(cls:TrainConfig, name:str="tiny", # "tiny", "cpu", "short" or "paper"
+           **overrides) -> TrainConfig:
+    "A named recipe with some fields changed."
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (--preset): expected one of {tuple(PRESETS)}")
+    d = dict(PRESETS[name])
+    d["model"] = (UniFuseConfig() if d.pop("network") == "paper" else UniFuseConfig.tiny()).to_dict()
+    if isinstance(overrides.get("model"), dict): d["model"] = {**d["model"], **overrides.pop("model")}
+    return cls(preset=name, **{**d, **overrides})
 
-    def replace(self, **kw) -> TrainConfig:
-        "A copy with some fields changed (validated again)."
-        return dataclasses.replace(self, **kw)
+@patch
+def replace(self:TrainConfig, **kw) -> TrainConfig:
+    "A copy with some fields changed (validated again)."
+    return dataclasses.replace(self, **kw)
 
-    def model_config(self) -> UniFuseConfig: return UniFuseConfig.from_dict(self.model)
+@patch
+def model_config(self:TrainConfig) -> UniFuseConfig: return UniFuseConfig.from_dict(self.model)
 
-    def to_dict(self) -> dict:
-        "Plain Python (what checkpoints and config.json store)."
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple): d[k] = list(v)
-        d["ranges"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["ranges"].items()}
-        return d
+@patch
+def to_dict(self:TrainConfig) -> dict:
+    "Plain Python (what checkpoints and config.json store)."
+    d = dataclasses.asdict(self)
+    for k, v in d.items():
+        if isinstance(v, tuple): d[k] = list(v)
+    d["ranges"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["ranges"].items()}
+    return d
 
-    @classmethod
-    def from_dict(cls, d:dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown: raise ValueError(f"TrainConfig.from_dict: unknown fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+@patch(cls_method=True)
+def from_dict(cls:TrainConfig, d:dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown: raise ValueError(f"TrainConfig.from_dict: unknown fields {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**d)
 
-    @property
-    def warmup_steps(self) -> int: return int(round(self.warmup * self.steps))
-    @property
-    def val_interval(self) -> int: return self.val_every or max(1, round(self.steps / 4))
-    @property
-    def ckpt_interval(self) -> int: return self.ckpt_every or self.val_interval
+@patch(as_prop=True)
+def warmup_steps(self:TrainConfig) -> int: return int(round(self.warmup * self.steps))
+@patch(as_prop=True)
+def val_interval(self:TrainConfig) -> int: return self.val_every or max(1, round(self.steps / 4))
+@patch(as_prop=True)
+def ckpt_interval(self:TrainConfig) -> int: return self.ckpt_every or self.val_interval
 
 # %% ../nbs/90_train.ipynb #083879c8
 PRESETS = {  # field values of each named recipe (`network`: UniFuseConfig.tiny() or the paper's UniFuseConfig())
@@ -810,286 +815,310 @@ class Trainer:
             self.history = list(self.log.rows)
         self._window = self._new_window()
 
-    # ------------------------------------------------------------------------------------------ data
-    def _setup_data(self):
-        cfg, dev = self.cfg, self.device
-        if cfg.dataset == "builtin":
-            pool = BuiltinSubjects(range(cfg.pool_size), cfg.spacing_mm, self.pool_dir)
-            self.spacing_mm, self.pool_desc = pool.spacing, f"{cfg.pool_size} built-in subjects ({pool.size}³ at {pool.spacing:.3f} mm)"
-        else:
-            reader = make_reader(cfg)
-            pool = ReaderSubjects(reader, cfg.spacing_mm, self.pool_dir)
-            self.spacing_mm, self.pool_desc = float(cfg.spacing_mm), f"{len(reader)} {cfg.dataset} training pairs at {cfg.spacing_mm:g} mm"
-        val = BuiltinSubjects(range(VAL_SEED0, VAL_SEED0 + cfg.val_subjects), cfg.spacing_mm, self.pool_dir) if cfg.val_subjects else None
-        capacity = min(cfg.pool_buffer, len(pool))
-        if self.local_rank == 0:                                          # make what is missing, in parallel
-            sets = ([pool] if capacity == len(pool) else []) + ([val] if (val is not None and self.main) else [])
-            if sets:
-                t0 = time.time()
-                warm_cache(sets, cfg.workers, progress=self.progress, desc="pool")
-                self.pool_seconds = time.time() - t0
-        self._barrier()
-        files = [pool[i] for i in range(len(pool))] if capacity == len(pool) else None
-        self.buffer = SubjectBuffer(pool, capacity, cfg.pool_refresh, cfg.seed, dev, cfg.workers, self.step, files)
-        self.clean = self.model.cfg.has_clean_class
-        self.colour = "hot" if getattr(self.model.cfg, "colour", False) else None
-        self.vb = None
-        if val is not None and self.main:
-            self.vb = validation_set([load_entry(val[i], dev) for i in range(len(val))], cfg, dev, self.colour)
+# %% ../nbs/90_train.ipynb #0a1f1ea7
+@patch
+def _setup_data(self:Trainer):
+    cfg, dev = self.cfg, self.device
+    if cfg.dataset == "builtin":
+        pool = BuiltinSubjects(range(cfg.pool_size), cfg.spacing_mm, self.pool_dir)
+        self.spacing_mm, self.pool_desc = pool.spacing, f"{cfg.pool_size} built-in subjects ({pool.size}³ at {pool.spacing:.3f} mm)"
+    else:
+        reader = make_reader(cfg)
+        pool = ReaderSubjects(reader, cfg.spacing_mm, self.pool_dir)
+        self.spacing_mm, self.pool_desc = float(cfg.spacing_mm), f"{len(reader)} {cfg.dataset} training pairs at {cfg.spacing_mm:g} mm"
+    val = BuiltinSubjects(range(VAL_SEED0, VAL_SEED0 + cfg.val_subjects), cfg.spacing_mm, self.pool_dir) if cfg.val_subjects else None
+    capacity = min(cfg.pool_buffer, len(pool))
+    if self.local_rank == 0:                                          # make what is missing, in parallel
+        sets = ([pool] if capacity == len(pool) else []) + ([val] if (val is not None and self.main) else [])
+        if sets:
+            t0 = time.time()
+            warm_cache(sets, cfg.workers, progress=self.progress, desc="pool")
+            self.pool_seconds = time.time() - t0
+    self._barrier()
+    files = [pool[i] for i in range(len(pool))] if capacity == len(pool) else None
+    self.buffer = SubjectBuffer(pool, capacity, cfg.pool_refresh, cfg.seed, dev, cfg.workers, self.step, files)
+    self.clean = self.model.cfg.has_clean_class
+    self.colour = "hot" if getattr(self.model.cfg, "colour", False) else None
+    self.vb = None
+    if val is not None and self.main:
+        self.vb = validation_set([load_entry(val[i], dev) for i in range(len(val))], cfg, dev, self.colour)
 
-    def _barrier(self):
+@patch
+def _barrier(self:Trainer):
+    if self.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+# %% ../nbs/90_train.ipynb #a7544035
+@patch
+def batch(self:Trainer, step:int, k:int) -> dict:
+    "Shard k (rank × accum + micro-batch) of step `step`'s global batch, on the device."
+    self.buffer.advance(step)
+    plan = batch_plan(self.cfg, step, self.buffer.slots)
+    return make_pairs(shard(plan, k, self.world * self.cfg.accum), self.buffer.entries, self.cfg, self.device,
+                      clean=self.clean, colour=self.colour)
+
+@patch
+def _unused_parameters(self:Trainer) -> list:
+    "Names of parameters that get no gradient (ablation settings, zero loss weights): one probe on the first batch."
+    b = self.batch(self.step, 0)
+    bufs = [x.detach().clone() for x in self.model.buffers()]
+    with self._autocast(): L = self.loss_module(b, torch.Generator(self.device).manual_seed(0))
+    L["total"].float().backward()
+    names = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+    self.opt.zero_grad(set_to_none=True)
+    with torch.no_grad():                                             # the probe leaves no trace
+        for x, saved in zip(self.model.buffers(), bufs): x.copy_(saved)
+    return names
+
+@patch
+def _autocast(self:Trainer):
+    if self.amp == "none": return contextlib.nullcontext()
+    return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+@patch
+def _sync(self:Trainer):
+    if self.device.type == "cuda": torch.cuda.synchronize(self.device)
+
+# %% ../nbs/90_train.ipynb #c52d76ed
+@patch
+def state(self:Trainer) -> dict:
+    "The training checkpoint of the current step."
+    cfg = self.cfg
+    meta = dict(spacing_mm=self.spacing_mm, preset=cfg.preset, steps=self.step, steps_planned=cfg.steps,
+                tasks=list(cfg.tasks), dataset=cfg.dataset, crop=cfg.crop, trainer="unifuse-train")
+    if self.init: meta["init"] = self.init
+    ck = self.model.checkpoint(meta)
+    ck["train"] = dict(format_version=1, step=self.step, lr=float(self.opt.param_groups[0]["lr"]),
+                       optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
+                       rng=rng_state(), config=cfg.to_dict(), best=self.best, world_size=self.world,
+                       elapsed_s=self.elapsed, torch_version=str(torch.__version__))
+    return ck
+
+@patch
+def _restore(self:Trainer, ck:dict):
+    tr = ck["train"]
+    try:
+        self.model.load_state_dict(ck["state_dict"])
+        self.opt.load_state_dict(tr["optimizer"]); self.sched.load_state_dict(tr["scheduler"])
+        if tr["scaler"]: self.scaler.load_state_dict(tr["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"the checkpoint does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    set_rng_state(tr["rng"])
+    self.step, self.best, self.elapsed0 = int(tr["step"]), tr.get("best"), float(tr.get("elapsed_s", 0.0))
+    self.init = self.init or (ck.get("meta") or {}).get("init")           # a fine-tuning run stays one
+    self.last_ckpt_step = self.step
+
+@patch(as_prop=True)
+def elapsed(self:Trainer) -> float: return self.elapsed0 + time.time() - self.t_start
+
+@patch
+def save(self:Trainer, name:str="checkpoint.pt") -> Path|None:
+    "Write the training checkpoint `OUT/name` atomically (rank 0)."
+    if self.out is None or not self.main: return None
+    path = self.out / name
+    with atomic_path(path) as tmp: torch.save(self.state(), tmp)
+    if name == "checkpoint.pt": self.last_ckpt_step = self.step
+    return path
+
+# %% ../nbs/90_train.ipynb #dbac7a5f
+@patch
+def train_step(self:Trainer) -> dict:
+    "One optimiser step (or a skipped one); returns its loss terms, gradient norm and timings."
+    cfg, step = self.cfg, self.step
+    t0 = time.perf_counter()
+    torch.manual_seed(_seed(cfg.seed, 5, step))
+    self.opt.zero_grad(set_to_none=True)
+    lr = float(self.opt.param_groups[0]["lr"])
+    bufs = [b.detach().clone() for b in self.model.buffers()]       # BatchNorm statistics: restored if the step is skipped
+    terms, data_s, reason = [], 0.0, None
+    for m in range(cfg.accum):
+        k = self.rank * cfg.accum + m
+        td = time.perf_counter()
+        b = self.batch(step, k)
+        if self.on_batch is not None: self.on_batch(step, b)
+        bad = not bool(_finite(b))
+        self._sync(); data_s += time.perf_counter() - td
+        if self._any_rank(bad): reason = "NaN or Inf in the batch"; break
+        gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, 3, step, k))
+        ctx = self.ddp.no_sync() if (self.ddp is not None and m < cfg.accum - 1) else contextlib.nullcontext()
+        with ctx:
+            with self._autocast(): L = self._loss(b, gen)
+            self.scaler.scale(L["total"].float() / cfg.accum).backward()
+        terms.append(torch.stack([L[key].detach().float() for key in LOSS_KEYS]))
+    vals, gn = {key: float("nan") for key in LOSS_KEYS}, float("nan")
+    if reason is None:
+        t = torch.stack(terms).mean(0)
         if self.world > 1:
             import torch.distributed as dist
-            dist.barrier()
+            dist.all_reduce(t); t = t / self.world
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
+        *v, gn = torch.cat([t, norm.reshape(1).float().to(t.device)]).tolist()   # one host sync
+        vals = dict(zip(LOSS_KEYS, v))
+        if not all(math.isfinite(x) for x in v): reason = "non-finite loss"
+        elif not math.isfinite(gn) and not self.scaler.is_enabled(): reason = "non-finite gradient"
+    if reason is None:
+        self.scaler.step(self.opt); self.scaler.update(); self.bad = 0
+    else:
+        self.opt.zero_grad(set_to_none=True); self.bad += 1
+        with torch.no_grad():
+            for buf, saved in zip(self.model.buffers(), bufs): buf.copy_(saved)
+    self.sched.step()
+    self.step += 1
+    self._sync()
+    out = dict(step=self.step, lr=lr, terms=vals, grad_norm=gn, skipped=reason is not None, reason=reason,
+               step_s=time.perf_counter() - t0, data_s=data_s)
+    if reason is not None:
+        msg = (f"step {self.step}: {reason} ({_fmt_terms(vals)}, grad_norm={gn:.4g}); step skipped "
+               f"({self.bad} in a row, the run stops at {cfg.max_bad_steps})")
+        self._say(msg, err=True)
+        if self.bad >= cfg.max_bad_steps:
+            where = (f"the last good checkpoint is {self.out / 'checkpoint.pt'} (step {self.last_ckpt_step})"
+                     if self.out is not None and self.last_ckpt_step is not None else "no checkpoint was written")
+            raise TrainingStopped(f"stopped at step {self.step}: {self.bad} non-finite steps in a row; {where}. "
+                                  f"Check the data, lower --lr, then continue with --resume or start again")
+    return out
 
-    def batch(self, step:int, k:int) -> dict:
-        "Shard k (rank × accum + micro-batch) of step `step`'s global batch, on the device."
-        self.buffer.advance(step)
-        plan = batch_plan(self.cfg, step, self.buffer.slots)
-        return make_pairs(shard(plan, k, self.world * self.cfg.accum), self.buffer.entries, self.cfg, self.device,
-                          clean=self.clean, colour=self.colour)
+# %% ../nbs/90_train.ipynb #5911a504
+@patch
+def _any_rank(self:Trainer, flag:bool) -> bool:
+    if self.world == 1: return flag
+    import torch.distributed as dist
+    t = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
-    def _unused_parameters(self) -> list:
-        "Names of parameters that get no gradient (ablation settings, zero loss weights): one probe on the first batch."
-        b = self.batch(self.step, 0)
-        bufs = [x.detach().clone() for x in self.model.buffers()]
-        with self._autocast(): L = self.loss_module(b, torch.Generator(self.device).manual_seed(0))
-        L["total"].float().backward()
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
-        self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():                                             # the probe leaves no trace
-            for x, saved in zip(self.model.buffers(), bufs): x.copy_(saved)
-        return names
+@patch
+def _loss(self:Trainer, b:dict, gen) -> dict:
+    "The loss terms of a batch; a `torch.compile` that fails on its first call falls back to eager mode, with a message."
+    if not self.cfg.compile or getattr(self, "_compiled_ok", False): return self.loss_fn(b, gen)
+    try: L = self.loss_fn(b, gen)
+    except Exception as e:
+        if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")): raise
+        self._say(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); training continues "
+                  f"without it", err=True)
+        self.loss_fn = self.ddp if self.ddp is not None else self.loss_module
+        self.cfg = self.cfg.replace(compile=False)
+        return self.loss_fn(b, gen)
+    self._compiled_ok = True
+    return L
 
-    def _autocast(self):
-        if self.amp == "none": return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+# %% ../nbs/90_train.ipynb #4552e615
+@patch
+def _say(self:Trainer, msg:str, err:bool=False):
+    if not self.main: return
+    if self.log is not None: self.log.log(msg)
+    if self.progress or err: tqdm.write(msg, file=sys.stderr if err else sys.stdout)
 
-    def _sync(self):
-        if self.device.type == "cuda": torch.cuda.synchronize(self.device)
+@patch
+def _new_window(self:Trainer): return dict(n=0, skipped=0, sums={k: 0.0 for k in LOSS_KEYS}, gn=0.0, step_s=0.0, data_s=0.0, t0=time.time())
 
-    # ------------------------------------------------------------------------------------------ state
-    def state(self) -> dict:
-        "The training checkpoint of the current step."
-        cfg = self.cfg
-        meta = dict(spacing_mm=self.spacing_mm, preset=cfg.preset, steps=self.step, steps_planned=cfg.steps,
-                    tasks=list(cfg.tasks), dataset=cfg.dataset, crop=cfg.crop, trainer="unifuse-train")
-        if self.init: meta["init"] = self.init
-        ck = self.model.checkpoint(meta)
-        ck["train"] = dict(format_version=1, step=self.step, lr=float(self.opt.param_groups[0]["lr"]),
-                           optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
-                           rng=rng_state(), config=cfg.to_dict(), best=self.best, world_size=self.world,
-                           elapsed_s=self.elapsed, torch_version=str(torch.__version__))
-        return ck
+@patch
+def _row(self:Trainer, val:dict|None=None, train:bool=True) -> dict:
+    w = self._window
+    lr = w.get("lr") if train and "lr" in w else float(self.opt.param_groups[0]["lr"])   # the lr the window's steps used
+    r = dict(step=self.step, lr=lr, elapsed_s=round(self.elapsed, 2))
+    if train and w["n"] + w["skipped"] > 0:
+        n = max(w["n"], 1)
+        r.update({f"loss_{k}": (w["sums"][k] / n if w["n"] else float("nan")) for k in LOSS_KEYS})
+        r.update(grad_norm=w["gn"] / n if w["n"] else float("nan"), skipped=w["skipped"],
+                 steps_per_s=(w["n"] + w["skipped"]) / max(w["step_s"], 1e-9),
+                 step_ms=1e3 * w["step_s"] / (w["n"] + w["skipped"]), data_ms=1e3 * w["data_s"] / (w["n"] + w["skipped"]))
+    if val is not None: r.update({f"val_{k}": val[k] for k in VAL_KEYS})
+    return r
 
-    def _restore(self, ck:dict):
-        tr = ck["train"]
-        try:
-            self.model.load_state_dict(ck["state_dict"])
-            self.opt.load_state_dict(tr["optimizer"]); self.sched.load_state_dict(tr["scheduler"])
-            if tr["scaler"]: self.scaler.load_state_dict(tr["scaler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"the checkpoint does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        set_rng_state(tr["rng"])
-        self.step, self.best, self.elapsed0 = int(tr["step"]), tr.get("best"), float(tr.get("elapsed_s", 0.0))
-        self.init = self.init or (ck.get("meta") or {}).get("init")           # a fine-tuning run stays one
-        self.last_ckpt_step = self.step
+@patch
+def validate(self:Trainer) -> dict|None:
+    "A validation pass (rank 0): logs, preview, best.pt."
+    if self.vb is None or not self.main: return None
+    t0 = time.time()
+    res = validate(self.model, self.vb, self._autocast if self.amp != "none" else None)
+    v = res["mean"]
+    m = self.cfg.best_metric
+    better = self.best is None or (v[m] < self.best["value"] if m in LOWER_IS_BETTER else v[m] > self.best["value"])
+    if better: self.best = dict(metric=m, value=float(v[m]), step=self.step)
+    per = " ".join(f"{t}={v[f'Q_ssim_{t}']:.3f}" for t in dict.fromkeys(self.vb["task"]))
+    self._say(f"validation at step {self.step}: loss {v['total']:.4f}, Q_ssim {v['Q_ssim']:.4f} ({per}), "
+              f"Q_psnr {v['Q_psnr']:.2f} dB, Q_vif {v['Q_vif']:.3f}, align_cc {v['align_cc']:.4f}, "
+              f"Dice {v['align_dice']:.3f}, flow error {v['epe_mm']:.2f} mm, class accuracy {v['acc']:.2f}"
+              f"{'  (best)' if better else ''}  [{time.time() - t0:.1f} s]")
+    if self.log is not None:
+        self.log.preview(self.vb, res, self.step)
+        if better: self.save("best.pt")
+    self.last_val = res
+    return v
 
-    @property
-    def elapsed(self) -> float: return self.elapsed0 + time.time() - self.t_start
+# %% ../nbs/90_train.ipynb #a2423fbf
+@patch
+def run(self:Trainer) -> Trainer:
+    "Train to the last step: validation at step 0, every val_interval and at the end; checkpoints; logs."
+    cfg = self.cfg
+    if self.main:
+        self._say(f"unifuse-train: preset {cfg.preset}, steps {self.step}→{cfg.steps}, batch {cfg.batch} × {cfg.crop}³ crops at "
+                  f"{self.spacing_mm:.3f} mm, {self.model.num_params()['total']:,} parameters, {self.device} "
+                  f"({torch.get_num_threads()} threads), {self.world} process(es), amp {self.amp}")
+        self._say(f"pool: {self.pool_desc} in {self.pool_dir}" + (f" ({self.pool_seconds:.0f} s to make)" if getattr(self, "pool_seconds", 0) > 1 else "")
+                  + (f"; validation: {len(self.vb['task'])} held-out pairs at {cfg.val_crop}³" if self.vb is not None else ""))
+    if self.step == 0:
+        v = self.validate()
+        r = self._row(v, train=False)
+        self._record(r)
+    bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True,
+               desc="train", smoothing=0.1,                       # steps/s (not inverted) and the time left
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+    try:
+        while self.step < cfg.steps:
+            o = self.train_step()
+            w = self._window
+            w["lr"] = o["lr"]
+            w["step_s"] += o["step_s"]; w["data_s"] += o["data_s"]
+            if o["skipped"]: w["skipped"] += 1
+            else:
+                w["n"] += 1; w["gn"] += o["grad_norm"]
+                for k in LOSS_KEYS: w["sums"][k] += o["terms"][k]
+                t = o["terms"]
+                bar.set_postfix_str(f"L {t['total']:.3f} ce {t['ce']:.3f} moda {t['moda']:.3f} reg {t['reg']:.3f} "
+                                    f"ssim {t['ssim']:.3f} int {t['inten']:.3f} grad {t['grad']:.3f}", refresh=False)
+            bar.update(1)
+            last = self.step == cfg.steps
+            val_due = last or self.step % cfg.val_interval == 0
+            v = self.validate() if val_due else None
+            if last or self.step % cfg.log_every == 0 or v is not None:
+                self._record(self._row(v)); self._window = self._new_window()
+            ckpt = last or (self.step % cfg.ckpt_interval == 0 and self.bad == 0)   # not inside a run of skipped steps
+            if ckpt: self.save("checkpoint.pt")
+            if (v is not None or ckpt) and self.log is not None: self.log.progress(cfg.best_metric)
+    finally:
+        bar.close()
+    if self.main: self._summary()
+    return self
 
-    def save(self, name:str="checkpoint.pt") -> Path|None:
-        "Write the training checkpoint `OUT/name` atomically (rank 0)."
-        if self.out is None or not self.main: return None
-        path = self.out / name
-        with atomic_path(path) as tmp: torch.save(self.state(), tmp)
-        if name == "checkpoint.pt": self.last_ckpt_step = self.step
-        return path
+@patch
+def _record(self:Trainer, r:dict):
+    self.history.append(r)
+    if self.log is not None: self.log.row(r)
 
-    # ------------------------------------------------------------------------------------------ steps
-    def _any_rank(self, flag:bool) -> bool:
-        if self.world == 1: return flag
-        import torch.distributed as dist
-        t = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+# %% ../nbs/90_train.ipynb #4d7eb41c
+@patch
+def _summary(self:Trainer):
+    vals = [r for r in self.history if r.get("val_total") not in (None, "")]
+    if not vals: return
+    first, last = vals[0], vals[-1]
+    lines = [f"finished {self.step} steps in {self.elapsed:.0f} s; validation at step {int(first['step'])} → {int(last['step'])}:"]
+    for k in ("total", "Q_ssim", "Q_psnr", "Q_cc", "Q_vif", "align_cc", "align_dice", "epe_mm"):
+        a, b = float(first[f"val_{k}"]), float(last[f"val_{k}"])
+        good = (b < a) if k in LOWER_IS_BETTER else (b > a)
+        lines.append(f"  {k:11s} {a:9.4f} → {b:9.4f}  {'better' if good else 'not better'}")
+    if self.best: lines.append(f"best {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']}")
+    if self.out is not None: lines.append(f"wrote {self.out}/checkpoint.pt, best.pt, train.log, metrics.csv, progress.png, previews/, tb/")
+    self._say("\n".join(lines))
 
-    def train_step(self) -> dict:
-        "One optimiser step (or a skipped one); returns its loss terms, gradient norm and timings."
-        cfg, step = self.cfg, self.step
-        t0 = time.perf_counter()
-        torch.manual_seed(_seed(cfg.seed, 5, step))
-        self.opt.zero_grad(set_to_none=True)
-        lr = float(self.opt.param_groups[0]["lr"])
-        bufs = [b.detach().clone() for b in self.model.buffers()]       # BatchNorm statistics: restored if the step is skipped
-        terms, data_s, reason = [], 0.0, None
-        for m in range(cfg.accum):
-            k = self.rank * cfg.accum + m
-            td = time.perf_counter()
-            b = self.batch(step, k)
-            if self.on_batch is not None: self.on_batch(step, b)
-            bad = not bool(_finite(b))
-            self._sync(); data_s += time.perf_counter() - td
-            if self._any_rank(bad): reason = "NaN or Inf in the batch"; break
-            gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, 3, step, k))
-            ctx = self.ddp.no_sync() if (self.ddp is not None and m < cfg.accum - 1) else contextlib.nullcontext()
-            with ctx:
-                with self._autocast(): L = self._loss(b, gen)
-                self.scaler.scale(L["total"].float() / cfg.accum).backward()
-            terms.append(torch.stack([L[key].detach().float() for key in LOSS_KEYS]))
-        vals, gn = {key: float("nan") for key in LOSS_KEYS}, float("nan")
-        if reason is None:
-            t = torch.stack(terms).mean(0)
-            if self.world > 1:
-                import torch.distributed as dist
-                dist.all_reduce(t); t = t / self.world
-            self.scaler.unscale_(self.opt)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
-            *v, gn = torch.cat([t, norm.reshape(1).float().to(t.device)]).tolist()   # one host sync
-            vals = dict(zip(LOSS_KEYS, v))
-            if not all(math.isfinite(x) for x in v): reason = "non-finite loss"
-            elif not math.isfinite(gn) and not self.scaler.is_enabled(): reason = "non-finite gradient"
-        if reason is None:
-            self.scaler.step(self.opt); self.scaler.update(); self.bad = 0
-        else:
-            self.opt.zero_grad(set_to_none=True); self.bad += 1
-            with torch.no_grad():
-                for buf, saved in zip(self.model.buffers(), bufs): buf.copy_(saved)
-        self.sched.step()
-        self.step += 1
-        self._sync()
-        out = dict(step=self.step, lr=lr, terms=vals, grad_norm=gn, skipped=reason is not None, reason=reason,
-                   step_s=time.perf_counter() - t0, data_s=data_s)
-        if reason is not None:
-            msg = (f"step {self.step}: {reason} ({_fmt_terms(vals)}, grad_norm={gn:.4g}); step skipped "
-                   f"({self.bad} in a row, the run stops at {cfg.max_bad_steps})")
-            self._say(msg, err=True)
-            if self.bad >= cfg.max_bad_steps:
-                where = (f"the last good checkpoint is {self.out / 'checkpoint.pt'} (step {self.last_ckpt_step})"
-                         if self.out is not None and self.last_ckpt_step is not None else "no checkpoint was written")
-                raise TrainingStopped(f"stopped at step {self.step}: {self.bad} non-finite steps in a row; {where}. "
-                                      f"Check the data, lower --lr, then continue with --resume or start again")
-        return out
-
-    def _loss(self, b:dict, gen) -> dict:
-        "The loss terms of a batch; a `torch.compile` that fails on its first call falls back to eager mode, with a message."
-        if not self.cfg.compile or getattr(self, "_compiled_ok", False): return self.loss_fn(b, gen)
-        try: L = self.loss_fn(b, gen)
-        except Exception as e:
-            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")): raise
-            self._say(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); training continues "
-                      f"without it", err=True)
-            self.loss_fn = self.ddp if self.ddp is not None else self.loss_module
-            self.cfg = self.cfg.replace(compile=False)
-            return self.loss_fn(b, gen)
-        self._compiled_ok = True
-        return L
-
-    # ------------------------------------------------------------------------------------------ run
-    def _say(self, msg:str, err:bool=False):
-        if not self.main: return
-        if self.log is not None: self.log.log(msg)
-        if self.progress or err: tqdm.write(msg, file=sys.stderr if err else sys.stdout)
-
-    def _new_window(self): return dict(n=0, skipped=0, sums={k: 0.0 for k in LOSS_KEYS}, gn=0.0, step_s=0.0, data_s=0.0, t0=time.time())
-
-    def _row(self, val:dict|None=None, train:bool=True) -> dict:
-        w = self._window
-        lr = w.get("lr") if train and "lr" in w else float(self.opt.param_groups[0]["lr"])   # the lr the window's steps used
-        r = dict(step=self.step, lr=lr, elapsed_s=round(self.elapsed, 2))
-        if train and w["n"] + w["skipped"] > 0:
-            n = max(w["n"], 1)
-            r.update({f"loss_{k}": (w["sums"][k] / n if w["n"] else float("nan")) for k in LOSS_KEYS})
-            r.update(grad_norm=w["gn"] / n if w["n"] else float("nan"), skipped=w["skipped"],
-                     steps_per_s=(w["n"] + w["skipped"]) / max(w["step_s"], 1e-9),
-                     step_ms=1e3 * w["step_s"] / (w["n"] + w["skipped"]), data_ms=1e3 * w["data_s"] / (w["n"] + w["skipped"]))
-        if val is not None: r.update({f"val_{k}": val[k] for k in VAL_KEYS})
-        return r
-
-    def validate(self) -> dict|None:
-        "A validation pass (rank 0): logs, preview, best.pt."
-        if self.vb is None or not self.main: return None
-        t0 = time.time()
-        res = validate(self.model, self.vb, self._autocast if self.amp != "none" else None)
-        v = res["mean"]
-        m = self.cfg.best_metric
-        better = self.best is None or (v[m] < self.best["value"] if m in LOWER_IS_BETTER else v[m] > self.best["value"])
-        if better: self.best = dict(metric=m, value=float(v[m]), step=self.step)
-        per = " ".join(f"{t}={v[f'Q_ssim_{t}']:.3f}" for t in dict.fromkeys(self.vb["task"]))
-        self._say(f"validation at step {self.step}: loss {v['total']:.4f}, Q_ssim {v['Q_ssim']:.4f} ({per}), "
-                  f"Q_psnr {v['Q_psnr']:.2f} dB, Q_vif {v['Q_vif']:.3f}, align_cc {v['align_cc']:.4f}, "
-                  f"Dice {v['align_dice']:.3f}, flow error {v['epe_mm']:.2f} mm, class accuracy {v['acc']:.2f}"
-                  f"{'  (best)' if better else ''}  [{time.time() - t0:.1f} s]")
-        if self.log is not None:
-            self.log.preview(self.vb, res, self.step)
-            if better: self.save("best.pt")
-        self.last_val = res
-        return v
-
-    def run(self) -> Trainer:
-        "Train to the last step: validation at step 0, every val_interval and at the end; checkpoints; logs."
-        cfg = self.cfg
-        if self.main:
-            self._say(f"unifuse-train: preset {cfg.preset}, steps {self.step}→{cfg.steps}, batch {cfg.batch} × {cfg.crop}³ crops at "
-                      f"{self.spacing_mm:.3f} mm, {self.model.num_params()['total']:,} parameters, {self.device} "
-                      f"({torch.get_num_threads()} threads), {self.world} process(es), amp {self.amp}")
-            self._say(f"pool: {self.pool_desc} in {self.pool_dir}" + (f" ({self.pool_seconds:.0f} s to make)" if getattr(self, "pool_seconds", 0) > 1 else "")
-                      + (f"; validation: {len(self.vb['task'])} held-out pairs at {cfg.val_crop}³" if self.vb is not None else ""))
-        if self.step == 0:
-            v = self.validate()
-            r = self._row(v, train=False)
-            self._record(r)
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True,
-                   desc="train", smoothing=0.1,                       # steps/s (not inverted) and the time left
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
-        try:
-            while self.step < cfg.steps:
-                o = self.train_step()
-                w = self._window
-                w["lr"] = o["lr"]
-                w["step_s"] += o["step_s"]; w["data_s"] += o["data_s"]
-                if o["skipped"]: w["skipped"] += 1
-                else:
-                    w["n"] += 1; w["gn"] += o["grad_norm"]
-                    for k in LOSS_KEYS: w["sums"][k] += o["terms"][k]
-                    t = o["terms"]
-                    bar.set_postfix_str(f"L {t['total']:.3f} ce {t['ce']:.3f} moda {t['moda']:.3f} reg {t['reg']:.3f} "
-                                        f"ssim {t['ssim']:.3f} int {t['inten']:.3f} grad {t['grad']:.3f}", refresh=False)
-                bar.update(1)
-                last = self.step == cfg.steps
-                val_due = last or self.step % cfg.val_interval == 0
-                v = self.validate() if val_due else None
-                if last or self.step % cfg.log_every == 0 or v is not None:
-                    self._record(self._row(v)); self._window = self._new_window()
-                ckpt = last or (self.step % cfg.ckpt_interval == 0 and self.bad == 0)   # not inside a run of skipped steps
-                if ckpt: self.save("checkpoint.pt")
-                if (v is not None or ckpt) and self.log is not None: self.log.progress(cfg.best_metric)
-        finally:
-            bar.close()
-        if self.main: self._summary()
-        return self
-
-    def _record(self, r:dict):
-        self.history.append(r)
-        if self.log is not None: self.log.row(r)
-
-    def _summary(self):
-        vals = [r for r in self.history if r.get("val_total") not in (None, "")]
-        if not vals: return
-        first, last = vals[0], vals[-1]
-        lines = [f"finished {self.step} steps in {self.elapsed:.0f} s; validation at step {int(first['step'])} → {int(last['step'])}:"]
-        for k in ("total", "Q_ssim", "Q_psnr", "Q_cc", "Q_vif", "align_cc", "align_dice", "epe_mm"):
-            a, b = float(first[f"val_{k}"]), float(last[f"val_{k}"])
-            good = (b < a) if k in LOWER_IS_BETTER else (b > a)
-            lines.append(f"  {k:11s} {a:9.4f} → {b:9.4f}  {'better' if good else 'not better'}")
-        if self.best: lines.append(f"best {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']}")
-        if self.out is not None: lines.append(f"wrote {self.out}/checkpoint.pt, best.pt, train.log, metrics.csv, progress.png, previews/, tb/")
-        self._say("\n".join(lines))
-
-    def close(self):
-        "Release the log writers and worker processes."
-        if self.log is not None: self.log.close()
-        self.buffer.close()
+@patch
+def close(self:Trainer):
+    "Release the log writers and worker processes."
+    if self.log is not None: self.log.close()
+    self.buffer.close()
 
 # %% ../nbs/90_train.ipynb #97c6867e
 RUN_FILES = ("checkpoint.pt", "best.pt", "train.log", "metrics.csv", "progress.png", "config.json", "previews", "tb")
