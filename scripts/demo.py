@@ -10,8 +10,9 @@ Writes, under --out:
   train/               the training run (checkpoint.pt, best.pt, train.log, metrics.csv, progress.png, previews/)
   inputs/<task>_*.nii.gz   the held-out pairs as a user would have them: REF (I_R), DEG (I'_D: degraded and moved)
                            and, for scoring only, CLEAN (I_D: the clean volume aligned with REF)
-  fused/<task>_<model>.nii.gz (+ _flow, _aligned)   what `unifuse-fuse` writes for each pair and model
-  montage_<task>_<model>.png   reference, degraded, aligned, fused, error, one row each (model: trained, shipped)
+  fused/<task>_<model>.nii.gz (+ _flow, _aligned)   what `unifuse-fuse` writes for each pair and model (and prealign)
+  montage_<task>_<model>.png   reference, degraded, aligned, fused, error, one row each (model: trained, shipped,
+                               shipped_rigid = the shipped weights after `--prealign rigid`)
   metrics.json         the six Q metrics and the alignment metrics of every method on every pair
   evaluation/          the same as tables (fusion.md, alignment.md, cases.csv) as `unifuse-eval` writes them
 """
@@ -50,7 +51,7 @@ def write_inputs(case:dict, folder:Path, affine:np.ndarray) -> dict:
     return paths
 
 
-def file_method(model, name:str, folder:Path, inputs:dict):
+def file_method(model, name:str, folder:Path, inputs:dict, prealign:str="none"):
     "An `evaluate` method that fuses through the files, as `unifuse-fuse` does, and reads the result back."
     from unifuse.fuse import fuse_files
     def m(case):
@@ -58,7 +59,7 @@ def file_method(model, name:str, folder:Path, inputs:dict):
         out = folder / f"{case['task']}_{name}.nii.gz"
         t0 = time.perf_counter()
         fuse_files(p["ref"], p["deg"], out, case["task"], model=model, flow_path=True, aligned_path=True,
-                   ref_norm="none", deg_norm="none")
+                   ref_norm="none", deg_norm="none", prealign=prealign)
         seconds = time.perf_counter() - t0
         fused = np.asarray(nib.load(out).dataobj, dtype=np.float32)                    # (X, Y, Z): RAS = (D, H, W)
         flow = np.asarray(nib.load(str(out).replace(".nii.gz", "_flow.nii.gz")).dataobj, dtype=np.float32)
@@ -109,7 +110,9 @@ def main(argv=None):
     cases = list(builtin_cases(("mri", "ct", "pet"), n=1, size=a.size, seed=a.seed))
     affine = builtin_affine(a.size)
     inputs = {c["id"]: write_inputs(c, a.out / "inputs", affine) for c in cases}
-    methods = {f"UniFuse ({k})": file_method(m, k, a.out / "fused", inputs) for k, m in models.items()}
+    variants = {k: (m, "none") for k, m in models.items()}           # name -> (model, prealign)
+    if "shipped" in models: variants["shipped_rigid"] = (models["shipped"], "rigid")   # `unifuse-fuse --prealign rigid`
+    methods = {f"UniFuse ({k})": file_method(m, k, a.out / "fused", inputs, pre) for k, (m, pre) in variants.items()}
     methods.update(baseline_methods(("average", "pyramid")))
     res = evaluate(cases, methods, progress=True)
 
@@ -117,10 +120,11 @@ def main(argv=None):
                                                         "checkpoint": str(ckpt), "methods": list(methods)})
     for c in cases:                                                    # one montage per task and UniFuse model
         ex = res["examples"][c["id"]]
-        for k in models:
+        for k in variants:
             flow = np.asarray(nib.load(a.out / "fused" / f"{c['task']}_{k}_flow.nii.gz").dataobj)
             flow = torch.from_numpy(np.moveaxis(flow.reshape(*c["ref"].shape[2:], 3), -1, 0).astype(np.float32))
-            montage(c, ex["fused"][f"UniFuse ({k})"], flow, f"{c['task']}: UniFuse ({k} weights)",
+            label = "shipped weights after the rigid pre-alignment" if k == "shipped_rigid" else f"{k} weights"
+            montage(c, ex["fused"][f"UniFuse ({k})"], flow, f"{c['task']}: UniFuse ({label})",
                     a.out / f"montage_{c['task']}_{k}.png")
     metrics = {}
     for r in res["cases"]:

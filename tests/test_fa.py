@@ -15,12 +15,13 @@ def _inputs(cfg, grid=(8, 8, 8), B=2, seed=0):
     return fd, fr, prompt
 
 
+@pytest.mark.parametrize("cosine", [False, True])
 @pytest.mark.parametrize("dim,shift", [(2, 1), (3, -1), (4, 1)])
-def test_attention_measures_a_known_shift(dim, shift):
+def test_attention_measures_a_known_shift(dim, shift, cosine):
     g = torch.Generator().manual_seed(1)
     fr = torch.randn(1, 64, 8, 8, 8, generator=g)          # 64 random channels: distinctive tokens
     fd = torch.roll(fr, shifts=shift, dims=dim)            # D content found `shift` voxels further along `dim`
-    _, disp = window_cross_attention(fr, fd, fd, heads=1, window=4)
+    _, disp = window_cross_attention(fr, fd, fd, heads=1, window=4, scale=torch.tensor([30.0]) if cosine else None)
     d = disp[0, 0]                                          # (3, d, h, w)
     # a token whose match stays inside its window sees the exact displacement
     idx = torch.arange(8) % 4
@@ -113,3 +114,26 @@ def test_bad_inputs():
 
 def test_max_level():
     assert max_level((8, 8, 8)) == 2 and max_level((40, 40, 40)) == 4 and max_level((3, 64, 64)) == 0
+
+
+def test_cosine_attention_matches_its_definition_and_learns_its_temperature():
+    "fa_attention='cosine': unit-length q, k times a learned per-head scale (10 at the start); 'dot' (default) keeps q·k/√e."
+    import math
+    import torch.nn.functional as F
+    cfg = UniFuseConfig.from_dict({**UniFuseConfig.tiny().to_dict(), "fa_attention": "cosine"})
+    fa_c, fa_d = FA(cfg), FA(UniFuseConfig.tiny())
+    assert UniFuseConfig.tiny().fa_attention == "dot" and UniFuseConfig().fa_attention == "dot"   # the plain form by default
+    assert all(torch.allclose(b.logit_scale, torch.full((cfg.fa_heads,), math.log(10.0))) for b in fa_c.blocks)
+    assert all(b.logit_scale is None for b in fa_d.blocks)
+    # one window of 2³ tokens, two heads: the attended values by hand
+    q, k, v = torch.randn(3, 1, 4, 2, 2, 2).unbind(0)
+    s = torch.tensor([3.0, 7.0])
+    out, _ = window_cross_attention(q, k, v, heads=2, window=2, scale=s)
+    qh, kh, vh = (t.reshape(2, 2, 8).transpose(1, 2) for t in (q[0], k[0], v[0]))   # (heads, T, e)
+    w = torch.softmax(s[:, None, None] * F.normalize(qh, dim=-1) @ F.normalize(kh, dim=-1).transpose(1, 2), -1)
+    assert torch.allclose(out[0], (w @ vh).transpose(1, 2).reshape(4, 2, 2, 2), atol=1e-5)
+    # the temperature is trained by whatever reads FA's output
+    fd, fr, prompt = _inputs(cfg, grid=(6, 6, 6), B=1)
+    fa_c.head[-1].weight.data.normal_(0, 0.1)                                # a head that reads the features
+    fa_c(fd, fr, prompt, (24, 24, 24)).pow(2).mean().backward()
+    assert all(b.logit_scale.grad is not None and b.logit_scale.grad.abs().sum() > 0 for b in fa_c.blocks)

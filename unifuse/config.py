@@ -11,12 +11,13 @@ from dataclasses import dataclass, field, asdict
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DAPL_MODES', 'OUFR_MODES', 'ALSN_MODES', 'LOSS_TERMS', 'UniFuseConfig']
+__all__ = ['DAPL_MODES', 'OUFR_MODES', 'ALSN_MODES', 'FA_ATTENTION', 'LOSS_TERMS', 'UniFuseConfig']
 
 # %% ../nbs/08_config.ipynb #a7f6a8ba
 DAPL_MODES = ("full", "A", "B", "C")
 OUFR_MODES = ("spatial_mamba", "mamba", "transformer", "none")
 ALSN_MODES = ("lora", "none", "experts")
+FA_ATTENTION = ("dot", "cosine")
 LOSS_TERMS = ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb")
 
 def _default_weights(): return {k: 1.0 for k in LOSS_TERMS}
@@ -42,6 +43,7 @@ class UniFuseConfig:
     fa_channels:int=44         # width inside FA's RegBLKs
     fa_heads:int=2             # attention heads of FA's windowed cross-attention (divides fa_channels)
     fa_window:int=4            # side of FA's attention windows, in tokens of each RegBLK's grid
+    fa_attention:str="dot"     # FA's attention logits: "dot" (q·k/√e) or "cosine" (s·q̂·k̂, s learned per head, 10 at the start)
     ufrf_channels:tuple=(8, 16, 32, 64, 96)  # widths of UFR&F's U-Net levels, full resolution first
     ufrf_head_dim:int=48       # channels per attention head in BaseNet: heads = max(1, c // ufrf_head_dim)
     ufrf_ffn_expand:float=2.0  # BaseNet's gated feed-forward width × c below full resolution (Restormer uses 2.66); the top level uses 1
@@ -68,6 +70,7 @@ class UniFuseConfig:
         need(self.dapl in DAPL_MODES, f"dapl must be one of {DAPL_MODES}, got {self.dapl!r}")
         need(self.oufr in OUFR_MODES, f"oufr must be one of {OUFR_MODES}, got {self.oufr!r}")
         need(self.alsn in ALSN_MODES, f"alsn must be one of {ALSN_MODES}, got {self.alsn!r}")
+        need(self.fa_attention in FA_ATTENTION, f"fa_attention must be one of {FA_ATTENTION}, got {self.fa_attention!r}")
         need(isinstance(self.n_regblk, int) and 0 <= self.n_regblk <= 5, f"n_regblk must be 0…5 (Table 5), got {self.n_regblk!r}")
         self.ufrf_channels = tuple(self.ufrf_channels)
         need(len(self.ufrf_channels) >= 2 and all(isinstance(c, int) and c > 0 for c in self.ufrf_channels),

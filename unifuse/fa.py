@@ -58,6 +58,7 @@ def window_cross_attention(q:Tensor, # queries (B, C, d, h, w)
                            heads:int, # attention heads; C must be divisible by it
                            window:int, # window side in grid voxels (smaller grids use their own side)
                            shift:bool=False, # shift the windows by half a window
+                           scale:Tensor|None=None, # (heads,) logit scales: cosine attention softmax(s·q̂·k̂); None: softmax(q·k/√e)
                           ) -> tuple[Tensor, Tensor]: # attended values (B, C, d, h, w), displacement (B, heads, 3, d, h, w)
     "Cross-attention of `q` to `k`, `v` inside local 3D windows; also the attention-weighted key offset."
     B, C, *size = q.shape
@@ -82,7 +83,10 @@ def window_cross_attention(q:Tensor, # queries (B, C, d, h, w)
         valid = rearrange(valid, "o (h e) (nd wa) (nh wb) (nw wc) -> (o nd nh nw) h (wa wb wc) e",
                           h=1, wa=a, wb=b_, wc=c_)                           # (nW, 1, T, 1)
         mask = (valid[..., 0] > 0)[:, :, None, :].repeat(B, 1, 1, 1)        # (Bw, 1, 1, T)
-    o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask)          # (Bw, h, T, e+3)
+    if scale is None: o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask)   # (Bw, h, T, e+3)
+    else:                                                                   # scaled cosine similarity
+        qn = F.normalize(qw, dim=-1) * scale.to(qw.dtype).view(1, -1, 1, 1)
+        o = F.scaled_dot_product_attention(qn, F.normalize(kw, dim=-1), vw, attn_mask=mask, scale=1.0)
     out, disp = o[..., :e], o[..., e:] - pos                                # (Bw, h, T, e), (Bw, h, T, 3)
     nd, nh, nw = (s + sum(p) for s, p in zip(size, pads))
     nd, nh, nw = nd // a, nh // b_, nw // c_
@@ -119,10 +123,12 @@ class RegBLK(nn.Module):
                  level:int, # the block works on the 1/Q grid pooled by 2**level (capped by the grid size)
                  shift:bool, # shifted windows
                  guide:int, # width of the prompt guidance vector
+                 cosine:bool=False, # scaled cosine attention with a learned temperature per head (default: q·k/√e)
                 ):
         super().__init__()
         if c % heads: raise ValueError(f"RegBLK: channels c={c} must be divisible by heads={heads}")
         self.heads, self.window, self.level, self.shift = heads, window, level, shift
+        self.logit_scale = nn.Parameter(torch.full((heads,), math.log(10.0))) if cosine else None   # log s, s = 10 at the start
         self.film = nn.Linear(guide, 4 * c)                                # γ_D, β_D, γ_R, β_R
         self.norm_d, self.norm_r = ChannelNorm(c), ChannelNorm(c)
         self.qkv = Conv3d(c, 3 * c, 1)                                      # shared by both streams
@@ -145,8 +151,9 @@ class RegBLK(nn.Module):
         scale = torch.tensor([s / t for s, t in zip(size, xd.shape[2:])], device=fd.device, dtype=xd.dtype)
         qd, kd, vd = self.qkv(xd).chunk(3, 1)
         qr, kr, vr = self.qkv(xr).chunk(3, 1)
-        ar, disp_r = window_cross_attention(qr, kd, vd, self.heads, self.window, self.shift)  # R looks up D: ≈ φ_D→R
-        ad, disp_d = window_cross_attention(qd, kr, vr, self.heads, self.window, self.shift)  # D looks up R
+        s = None if self.logit_scale is None else self.logit_scale.clamp(max=math.log(100.0)).exp()   # (heads,)
+        ar, disp_r = window_cross_attention(qr, kd, vd, self.heads, self.window, self.shift, s)  # R looks up D: ≈ φ_D→R
+        ad, disp_d = window_cross_attention(qd, kr, vr, self.heads, self.window, self.shift, s)  # D looks up R
         disp_r = (disp_r * scale[:, None, None, None]).flatten(1, 2)       # (B, 3·heads, d', h', w'), 1/Q voxels
         disp_d = (disp_d * scale[:, None, None, None]).flatten(1, 2)
         ur = self.out_r(torch.cat([ar, disp_r], 1))                         # (B, c, d', h', w')
@@ -168,7 +175,8 @@ class FA(nn.Module):
         self.cfg = cfg
         self.proj = Conv3d(M, c, 1)                                         # M → c, shared by D and R
         self.guide = PromptMLP(cfg.prompt_len, M, c) if J else None         # only RegBLKs read the prompt
-        self.blocks = nn.ModuleList(RegBLK(c, heads, cfg.fa_window, level=J - 1 - i, shift=bool(i % 2), guide=c)
+        self.blocks = nn.ModuleList(RegBLK(c, heads, cfg.fa_window, level=J - 1 - i, shift=bool(i % 2), guide=c,
+                                           cosine=cfg.fa_attention == "cosine")
                                     for i in range(J))
         self.head = nn.Sequential(Conv3d(2 * c, c, 3, padding=1), nn.ReLU(), Conv3d(c, 3, 1))
         nn.init.zeros_(self.head[-1].weight); nn.init.zeros_(self.head[-1].bias)   # φ = 0 (identity) at start

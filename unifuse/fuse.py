@@ -426,6 +426,9 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
         if prealign != "none": d_grey = resize_volume(d_grey, size)
     else: notes.append(f"REF's spacing matches the model's ({'×'.join(f'{v:.2f}' for v in target)} mm)")
     pre = None
+    if prealign == "none" and getattr(model, "meta", {}).get("shipped"):
+        notes.append("the shipped weights do not align a pair (see their model card): for a misaligned pair add "
+                     "--prealign rigid (prealign='rigid')")
     if prealign == "rigid":                                                # 3b. optional classical rigid step
         pre, note = prealign_rigid(r, d_grey, spacing_mm=[v * n / m for v, n, m in zip(sp, ref_c.shape, size)])
         d = warp(d, pre); notes.append(note)
