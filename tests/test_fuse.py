@@ -384,3 +384,11 @@ def test_training_checkpoint_and_folding_in_slabs(files, tmp_path, capsys):
     from unifuse.metrics import folding_fraction
     u = torch.randn(2, 3, 9, 7, 5)
     assert abs(fz.folding(u, voxels=35) - float(folding_fraction(u).mean())) < 1e-12
+
+
+def test_prealign_without_simpleitk_says_what_to_install(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)                    # as if it were not installed
+    rc, _, err = run([files / "t1.nii.gz", files / "t2.nii.gz", "-o", tmp_path / "f.nii.gz", "--task", "mri",
+                      "--checkpoint", files / "tiny.pt", "--device", "cpu", "--prealign", "rigid", "--quiet"], capsys)
+    assert rc == 2 and len(err) == 1 and "unifuse[data]" in err[0] and "SimpleITK" in err[0]
+    assert not (tmp_path / "f.nii.gz").exists()

@@ -337,10 +337,12 @@ def prealign_rigid(ref:Tensor, # (1, 1, D, H, W) REF in [0, 1]
                    spacing_mm=None, # voxel size (3,) for the message; None: voxels
                   ) -> tuple[Tensor, str]: # φ_pre (1, 3, D, H, W) in voxels with DEG(p + φ_pre(p)) ≈ REF(p); a note
     "Rigid registration of DEG to REF (SimpleITK, mutual information): the displacement field and what it did."
-    try: from unifuse.evaluate import register
+    try:
+        import SimpleITK  # noqa: F401  (the registration below imports it where it runs)
+        from unifuse.evaluate import register
     except ImportError as e:
-        raise ImportError(f"prealign 'rigid' needs SimpleITK and scikit-image ({e.name} is missing): "
-                          "pip install 'unifuse[eval]', or fuse without --prealign") from None
+        raise ImportError(f"prealign 'rigid' needs SimpleITK ({e.name} is missing): pip install 'unifuse[data]', "
+                          "or fuse without --prealign") from None
     reg = register(ref[0, 0].float().cpu(), deg[0, 0].float().cpu(), deformable=False)
     flow = reg["flow"][None].to(torch.float32)                              # (1, 3, D, H, W)
     sp = torch.ones(3) if spacing_mm is None else torch.as_tensor(np.asarray(spacing_mm, np.float32))
