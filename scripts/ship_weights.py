@@ -53,18 +53,13 @@ def cases(size:int, seed:int=7):
 def fuse_method(model, classes:list, window=0, prealign:bool=False):
     """UniFuse as `unifuse-fuse` runs it: whole volume or `window`³ windows, optionally after the rigid pre-alignment;
     appends (case id, expected class, predicted class, p) to `classes`."""
-    from unifuse.fuse import fuse_volume, prealign_rigid, degradation_report
-    from unifuse.spatial import warp, compose
+    from unifuse.fuse import fuse_prealigned, degradation_report
     def m(case):
-        ref, deg = case["ref"], case["deg"]
         t0 = time.perf_counter()
-        pre = prealign_rigid(ref, deg)[0] if prealign else None
-        with torch.no_grad():
-            o = fuse_volume(model, ref, deg if pre is None else warp(deg, pre), window=window, overlap=0.25)
-        flow = o["flow"].float() if pre is None else compose(pre, o["flow"].float())
+        o = fuse_prealigned(model, case["ref"], case["deg"], "rigid" if prealign else "none", window=window, overlap=0.25)
         rep = degradation_report(o["probs"][0], case["task"])
         classes.append((case["id"], rep["expected"], rep["cls"], rep["probability"]))
-        return o["fused"].float().cpu(), flow, time.perf_counter() - t0
+        return o["fused"].float().cpu(), o["flow"].float(), time.perf_counter() - t0
     return m
 
 

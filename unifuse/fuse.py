@@ -25,8 +25,8 @@ from .model import UniFuse
 __all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'PREALIGN', 'SUMMARY_COLUMNS', 'FuseWarning', 'normalise_input',
            'from_canonical', 'spacing_of', 'model_spacing', 'spacing_plan', 'resize_volume', 'memory_estimate',
            'available_memory', 'plan_windows', 'fuse_volume', 'degradation_report', 'folding', 'prealign_rigid',
-           'fuse_arrays', 'write_outputs', 'resolve_device', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv',
-           'main', 'flow_to_canonical']
+           'fuse_prealigned', 'fuse_arrays', 'write_outputs', 'resolve_device', 'load_model', 'fuse_files',
+           'read_pairs', 'fuse_csv', 'main', 'flow_to_canonical']
 
 # %% ../nbs/80_fuse.ipynb #9fb914cc
 NORMS = ("auto", "hu", "percentile", "none")  # the choices of --ref-norm / --deg-norm
@@ -351,6 +351,24 @@ def prealign_rigid(ref:Tensor, # (1, 1, D, H, W) REF in [0, 1]
     return flow, (f"DEG pre-aligned to REF by a rigid registration (SimpleITK, mutual information): displacement "
                   f"{float(mm.mean()):.1f} {unit} on average, {float(mm.max()):.1f} {unit} at most")
 
+def fuse_prealigned(model, # a UniFuse model (its device is used)
+                    ref:Tensor, # (1, 1, D, H, W) REF in [0, 1]
+                    deg:Tensor, # (1, C, D, H, W) DEG on the same grid (grey, or RGB for a colour model)
+                    prealign:str="none", # "rigid": `prealign_rigid` first
+                    deg_grey:Tensor|None=None, # grey DEG to register (default `deg`)
+                    spacing_mm=None, # voxel size, for the note
+                    **kw, # window, overlap, progress: as in `fuse_volume`
+                   ) -> dict: # `fuse_volume`'s dict with φ composed with the rigid step; `note` (None without it)
+    "`fuse_volume` after the optional rigid pre-alignment: φ_pre composed into `flow`, so DEG(p + φ(p)) ≈ REF(p) still."
+    if prealign not in PREALIGN: raise ValueError(f"prealign={prealign!r}: expected one of {PREALIGN}")
+    pre, note = None, None
+    if prealign == "rigid":
+        pre, note = prealign_rigid(ref, deg if deg_grey is None else deg_grey, spacing_mm)
+        deg = warp(deg, pre)
+    o = fuse_volume(model, ref, deg, **kw)
+    if pre is not None: o["flow"] = compose(pre.to(o["flow"]), o["flow"])   # W(W(DEG, φ_pre), φ) = W(DEG, φ_pre ∘ φ)
+    return {**o, "note": note}
+
 # %% ../nbs/80_fuse.ipynb #9b8b9da2
 def _describe(arr:np.ndarray, affine, raw=None) -> str:
     "'182×218×182 voxels, 1.00×1.00×1.00 mm, LPS, oblique 7°, values -3…1043'"
@@ -427,21 +445,18 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
         r, d = resize_volume(r, size), resize_volume(d, size)
         if prealign != "none": d_grey = resize_volume(d_grey, size)
     else: notes.append(f"REF's spacing matches the model's ({'×'.join(f'{v:.2f}' for v in target)} mm)")
-    pre = None
     if prealign == "none" and getattr(model, "meta", {}).get("shipped"):
         notes.append("the shipped weights do not align a pair (see their model card): for a misaligned pair add "
                      "--prealign rigid (prealign='rigid')")
-    if prealign == "rigid":                                                # 3b. optional classical rigid step
-        pre, note = prealign_rigid(r, d_grey, spacing_mm=[v * n / m for v, n, m in zip(sp, ref_c.shape, size)])
-        d = warp(d, pre); notes.append(note)
-    # 4. fuse
+    # 4. fuse (3b. after the optional classical rigid step)
     dev = _model_device(model)
-    o = fuse_volume(model, r, d, window=window, overlap=overlap, progress=progress)
+    o = fuse_prealigned(model, r, d, prealign, d_grey, [v * n / m for v, n, m in zip(sp, ref_c.shape, size)],
+                        window=window, overlap=overlap, progress=progress)
+    if o["note"]: notes.append(o["note"])
     if o["window"] is None: notes.append(f"fused the whole {'×'.join(map(str, size))} volume on {dev}")
     else: notes.append(f"fused in {o['windows']} windows of {o['window']}³ voxels (overlap {overlap:g}, Gaussian blending) on {dev}: "
                        f"the whole volume would need about {memory_estimate(model, size) / 2**30:.1f} GiB")
     fused, flow = o["fused"].cpu(), o["flow"].cpu()
-    if pre is not None: flow = compose(pre, flow)                          # W(W(DEG, φ_pre), φ) = W(DEG, φ_pre ∘ φ)
     for k, t in (("fused", fused), ("flow", flow)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"the model's {k} contains NaN or infinite values: the checkpoint's weights are broken "
