@@ -55,7 +55,9 @@ def test_dapl_shapes_and_prompt(pair):
     assert ((out["select"] > 0) & (out["select"] < 1)).all()
     assert torch.allclose(out["feat_d"], dapl.encoder(deg))  # one shared encoder
     assert torch.allclose(out["feat_r"], dapl.encoder(ref))
-    assert not torch.allclose(out["feat_d_hat"], out["feat_d"])
+    assert torch.equal(out["feat_d_hat"], out["feat_d"])              # F̂'_D = F'_D: J_DR feeds the read-out only
+    joint = DAPL(cfg.replace(dhat="joint")); joint.load_state_dict(dapl.state_dict())
+    assert not torch.allclose(joint(deg, ref)["feat_d_hat"], out["feat_d"])   # the earlier wiring adds J_DR
     h1, h2, h3 = out["h"]
     assert not torch.allclose(h1, h2) and not torch.allclose(h2, h3)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 from unifuse.config import UniFuseConfig
-from unifuse.fa import FA, RegBLK, window_cross_attention, reg_loss, max_level
+from unifuse.fa import FA, RegBLK, window_cross_attention, neighbourhood_attention, reg_loss, max_level
 from unifuse.spatial import warp
 
 
@@ -43,21 +43,45 @@ def test_attention_any_grid_and_mask():
     assert disp.abs().max() <= 3 + 1e-4
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("shift", [(0, 1, -2), (1, 0, 0), (-2, 1, 1)])
+def test_neighbourhood_attention_measures_a_known_shift(shift, cosine):
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 1, 32, 9, 10, 11, generator=g).unbind(0)
+    q = torch.roll(k, shifts=tuple(-s for s in shift), dims=(2, 3, 4))   # R(p) = D(p + shift): the match sits at +shift
+    _, disp = neighbourhood_attention(q * (1 if cosine else 8), k, v, heads=2, radius=2,
+                                      scale=torch.tensor([30.0, 30.0]) if cosine else None)
+    inner = tuple(slice(2, -2) for _ in range(3))                        # away from the rolled-over faces
+    d = disp[(0, slice(None), slice(None), *inner)]                      # (heads, 3, ...)
+    assert torch.allclose(d.median(-1).values.median(-1).values.median(-1).values, torch.tensor([shift] * 2).float(), atol=0.05)
+
+
+def test_neighbourhood_attention_uniform_is_zero_and_slabs_agree():
+    q, k, v = torch.randn(3, 2, 8, 7, 6, 5).unbind(0)
+    _, d0 = neighbourhood_attention(torch.zeros_like(q), k, v, heads=2, radius=2)
+    assert d0.abs().max() < 1e-6                                         # uniform attention: no displacement, borders too
+    o1, d1 = neighbourhood_attention(q, k, v, heads=2, radius=1)
+    with torch.no_grad(): o2, d2 = neighbourhood_attention(q, k, v, heads=2, radius=1, slab=2 * 8 * 6 * 5 * 27)
+    assert torch.allclose(o1, o2, atol=1e-6) and torch.allclose(d1, d2, atol=1e-6)
+
+
 @pytest.mark.parametrize("J", [0, 1, 2, 3, 4, 5])
 def test_fa_shapes_and_identity_at_start(J):
-    cfg = UniFuseConfig.tiny(n_regblk=J)
+    cfg = UniFuseConfig.tiny(n_regblk=J, fa_head_init=0.0, fa_direct=False)   # the earlier start: exactly φ = 0
     fa = FA(cfg)
     fd, fr, P = _inputs(cfg, grid=(8, 6, 10))
     flow, flow_c = fa(fd, fr, P, (32, 24, 40), return_coarse=True)
     assert flow.shape == (2, 3, 32, 24, 40) and flow_c.shape == (2, 3, 8, 6, 10)
     assert torch.count_nonzero(flow) == 0                      # zero-initialised head: φ = 0
+    flow_default = FA(UniFuseConfig.tiny(n_regblk=J))(fd, fr, P, (32, 24, 40))
+    assert flow_default.shape == flow.shape and torch.isfinite(flow_default).all()
     assert len(fa.blocks) == J
     x = torch.rand(2, 1, 32, 24, 40)
     assert torch.allclose(warp(x, flow), x, atol=1e-5)         # zero flow warps to the identity (float rounding)
 
 
 def test_flow_upsampled_in_voxels():
-    cfg = UniFuseConfig.tiny(n_regblk=1)
+    cfg = UniFuseConfig.tiny(n_regblk=1, fa_direct=False)
     fa = FA(cfg)
     nn.init.zeros_(fa.head[-1].weight)
     with torch.no_grad(): fa.head[-1].bias.copy_(torch.tensor([0.5, -1.0, 0.25]))   # constant φ at 1/Q
@@ -117,12 +141,13 @@ def test_max_level():
 
 
 def test_cosine_attention_matches_its_definition_and_learns_its_temperature():
-    "fa_attention='cosine': unit-length q, k times a learned per-head scale (10 at the start); 'dot' (default) keeps q·k/√e."
+    "fa_attention='cosine' (default): unit-length q, k times a learned per-head scale (10 at the start); 'dot' keeps q·k/√e."
     import math
     import torch.nn.functional as F
-    cfg = UniFuseConfig.from_dict({**UniFuseConfig.tiny().to_dict(), "fa_attention": "cosine"})
-    fa_c, fa_d = FA(cfg), FA(UniFuseConfig.tiny())
-    assert UniFuseConfig.tiny().fa_attention == "dot" and UniFuseConfig().fa_attention == "dot"   # the plain form by default
+    cfg = UniFuseConfig.tiny()
+    fa_c, fa_d = FA(cfg), FA(UniFuseConfig.tiny(fa_attention="dot"))
+    assert UniFuseConfig.tiny().fa_attention == "cosine" and UniFuseConfig().fa_attention == "cosine"   # cosine by default
+    assert UniFuseConfig.from_dict({"fa_channels": 16}).fa_attention == "dot"   # a config written before the option: the plain form
     assert all(torch.allclose(b.logit_scale, torch.full((cfg.fa_heads,), math.log(10.0))) for b in fa_c.blocks)
     assert all(b.logit_scale is None for b in fa_d.blocks)
     # one window of 2³ tokens, two heads: the attended values by hand
@@ -137,3 +162,20 @@ def test_cosine_attention_matches_its_definition_and_learns_its_temperature():
     fa_c.head[-1].weight.data.normal_(0, 0.1)                                # a head that reads the features
     fa_c(fd, fr, prompt, (24, 24, 24)).pow(2).mean().backward()
     assert all(b.logit_scale.grad is not None and b.logit_scale.grad.abs().sum() > 0 for b in fa_c.blocks)
+
+
+def test_direct_path_is_the_attention_displacement():
+    "With the head silenced, φ at 1/Q is the finest block's attention displacement (mean over heads)."
+    cfg = UniFuseConfig.tiny(n_regblk=2)
+    fa = FA(cfg)
+    nn.init.zeros_(fa.head[-1].weight)
+    fd, fr, P = _inputs(cfg)
+    seen = {}
+    blk = fa.blocks[-1]
+    orig = blk.forward
+    def spy(*a, **kw):
+        out = orig(*a, **kw); seen["u"] = out[2]; return out
+    blk.forward = spy
+    _, flow_c = fa(fd, fr, P, (32, 32, 32), return_coarse=True)
+    assert torch.allclose(flow_c, seen["u"], atol=1e-6)
+    assert fa.direct.tolist() == [0.0, 1.0]

@@ -116,8 +116,10 @@ def test_ufrf_receives_warped_features(tiny):
     assert not torch.allclose(full_d, got["dapl"]["feat_d"], atol=1e-4)     # the warp did something
 
 
-def test_moda_pairs_the_aligned_features(tiny, monkeypatch):
-    "L_moda = L_cont(F̄_D, F̄_R) + L_cont(F̄'_D, F̄'_R): each pair comes from mutually aligned volumes."
+def test_moda_pairs_the_aligned_features(monkeypatch):
+    "Literal reading (moda_pairs='grid'): L_moda = L_cont(F̄_D, F̄_R) + L_cont(F̄'_D, F̄'_R) from mutually aligned volumes."
+    torch.manual_seed(0)
+    tiny = UniFuse(UniFuseConfig.tiny(moda_pairs="grid")).eval()
     b = _batch()
     seen = {}
     real = model_mod.moda_loss
@@ -132,6 +134,32 @@ def test_moda_pairs_the_aligned_features(tiny, monkeypatch):
                                l_cont(fd, fr, 32, generator=g2) + l_cont(fdp, frp, 32, generator=g2))
 
 
+def test_shifted_moda_pairs_the_same_anatomy(monkeypatch):
+    "Default reading: two aligned pairs, cut into crops; with no shift and no border it is the literal L_moda on the crops."
+    torch.manual_seed(0)
+    m = UniFuse(UniFuseConfig.tiny(moda_shift=0, moda_border=0)).eval()
+    b = _batch()
+    with torch.no_grad():
+        got = m.moda_shifted(b, torch.Generator().manual_seed(5))
+        d = m.dapl(torch.cat([b["deg_label"], b["deg"]]), torch.cat([b["ref"], b["ref_moved"]]), update=False)
+        fd, fr = m.oufr(d["feat_d_hat"], d["feat_r"], d["states"])         # [F̄_D; F̄'_D], [F̄_R; F̄'_R]
+        g = torch.Generator().manual_seed(5); torch.randint(2 ** 62, (1,), generator=g)   # the seed moda_shifted draws first
+        B = b["ref"].shape[0]
+        want = l_cont(fd[:B], fr[:B], m.cfg.moda_negatives, m.cfg.moda_tau, g) + l_cont(fd[B:], fr[B:], m.cfg.moda_negatives, m.cfg.moda_tau, g)
+    torch.testing.assert_close(got, want)
+    # with shifts, the positives are the same anatomical point: a code of the grid cell no longer scores
+    m2 = UniFuse(UniFuseConfig.tiny(moda_shift=2)).eval()
+    from unifuse.data import builtin_pair
+    ps = [builtin_pair(t, seed=0, size=32) for t in ("mri", "ct")]           # 8³ tokens: 6³ per crop, 4³ anchors
+    b = make_batch(torch.stack([p["ref"] for p in ps]), torch.stack([p["other"] for p in ps]), ["mri", "ct"], generator=0)
+    seen = {}
+    real = model_mod.l_cont
+    monkeypatch.setattr(model_mod, "l_cont", lambda *a, **k: (seen.setdefault("calls", []).append(a), real(*a, **k))[1])
+    with torch.no_grad(): m2.moda_shifted(b, torch.Generator().manual_seed(1))
+    F1, F2, K, tau, g, pos, mask, hard = seen["calls"][0]
+    assert not torch.equal(pos[mask], hard[mask]) and bool(mask.any())
+
+
 def test_moda_is_lower_for_the_aligned_pairing():
     """Trained briefly on its own L_moda, the model makes aligned pairs agree far better than swapped, misaligned ones.
 
@@ -141,7 +169,7 @@ def test_moda_is_lower_for_the_aligned_pairing():
     from unifuse.degrade import DEFAULT_RANGES
     torch.manual_seed(0)
     weights = {k: 0.0 for k in ("ce", "reg", "ssim", "inten", "grad", "crcb")}
-    model = UniFuse(UniFuseConfig.tiny(dapl="A", loss_weights=weights))     # L_moda alone
+    model = UniFuse(UniFuseConfig.tiny(dapl="A", moda_pairs="grid", loss_weights=weights))   # literal L_moda alone
     ps = [builtin_pair("mri", seed=s, size=24) for s in (0, 1)]             # T1 / T2 of two heads
     b = make_batch(torch.stack([p["ref"] for p in ps]), torch.stack([p["other"] for p in ps]), "mri", generator=4,
                    strength=0.0, ranges=DEFAULT_RANGES.replace(translation=0.15, rotation_deg=20.0))

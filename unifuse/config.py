@@ -11,13 +11,21 @@ from dataclasses import dataclass, field, asdict
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DAPL_MODES', 'OUFR_MODES', 'ALSN_MODES', 'FA_ATTENTION', 'LOSS_TERMS', 'UniFuseConfig']
+__all__ = ['DAPL_MODES', 'OUFR_MODES', 'ALSN_MODES', 'FA_ATTENTION', 'FA_WINDOWS', 'DHAT_MODES', 'MODA_PAIRS', 'LEGACY',
+           'LOSS_TERMS', 'UniFuseConfig']
 
 # %% ../nbs/08_config.ipynb #a7f6a8ba
 DAPL_MODES = ("full", "A", "B", "C")
 OUFR_MODES = ("spatial_mamba", "mamba", "transformer", "none")
 ALSN_MODES = ("lora", "none", "experts")
 FA_ATTENTION = ("dot", "cosine")
+FA_WINDOWS = ("centred", "blocks")
+DHAT_MODES = ("deg", "joint")
+MODA_PAIRS = ("shifted", "grid")
+# What a checkpoint written before a field existed was built with: `from_dict` fills a missing field from here, so
+# older weights rebuild the network they were trained as (new configs get the dataclass defaults).
+LEGACY = dict(dhat="joint", moda_pairs="grid", fa_window_kind="blocks", fa_direct=False, fa_head_init=0.0, dapl_window=0,
+              fa_feature_grad=1.0, fa_attention="dot")
 LOSS_TERMS = ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb")
 
 def _default_weights(): return {k: 1.0 for k in LOSS_TERMS}
@@ -43,11 +51,18 @@ class UniFuseConfig:
     fa_channels:int=44         # width inside FA's RegBLKs
     fa_heads:int=2             # attention heads of FA's windowed cross-attention (divides fa_channels)
     fa_window:int=4            # side of FA's attention windows, in tokens of each RegBLK's grid
-    fa_attention:str="dot"     # FA's attention logits: "dot" (q·k/√e) or "cosine" (s·q̂·k̂, s learned per head, 10 at the start)
+    fa_attention:str="cosine"  # FA's attention logits: "cosine" (s·q̂·k̂, s learned per head, 10 at the start) or "dot" (q·k/√e)
+    fa_window_kind:str="centred"  # FA's attention neighbourhoods: "centred" on each query (side 2·fa_radius+1) or fixed "blocks" of fa_window
+    fa_radius:int=2            # "centred": each query sees keys up to this many tokens away along each axis
+    fa_direct:bool=True        # φ at 1/Q = the RegBLKs' attention displacements (weighted, finest first at 1) + the head's correction
+    fa_head_init:float=1e-3    # std of the last layer of FA's head at initialisation (0: φ starts exactly at 0)
+    fa_feature_grad:float=1.0  # share of L_reg's gradient that FA passes back into DAPL and OUFR (0: their features are L_moda's alone)
     ufrf_channels:tuple=(8, 16, 32, 64, 96)  # widths of UFR&F's U-Net levels, full resolution first
     ufrf_head_dim:int=48       # channels per attention head in BaseNet: heads = max(1, c // ufrf_head_dim)
     ufrf_ffn_expand:float=2.0  # BaseNet's gated feed-forward width × c below full resolution (Restormer uses 2.66); the top level uses 1
     lora_rank:int=4            # rank of each LoRA branch in ALSN
+    dapl_window:int=12         # DAPL reads volumes in windows of this many tokens a side and averages the read-out (0: one window)
+    dhat:str="deg"             # F̂'_D that OUFR reads: "deg" = F'_D (J_DR feeds DAPL's read-out only) or "joint" = F'_D + J_DR
     # ablation switches (Table 4)
     dapl:str="full"            # "full", "A", "B", "C"
     oufr:str="spatial_mamba"   # "spatial_mamba", "mamba", "transformer", "none"
@@ -55,6 +70,9 @@ class UniFuseConfig:
     # losses
     moda_negatives:int=256     # K: negatives per anchor in L_cont (Eq. 5)
     moda_tau:float=0.1         # τ: temperature of L_cont (Eq. 5)
+    moda_pairs:str="shifted"   # L_cont's positives: "shifted" (same anatomical point of two crops shifted against each other) or "grid" (same grid cell)
+    moda_shift:int=2           # "shifted": largest relative shift of the two crops, tokens along each axis
+    moda_border:int=1          # "shifted": tokens this close to a crop's border are left out of L_cont
     loss_weights:dict=field(default_factory=_default_weights)  # weight of each term of Eq. 15
     # execution
     ssm_backend:str|None=None  # None (automatic), "torch" or "cuda": see `unifuse.ssm.selective_scan`
@@ -71,6 +89,18 @@ class UniFuseConfig:
         need(self.oufr in OUFR_MODES, f"oufr must be one of {OUFR_MODES}, got {self.oufr!r}")
         need(self.alsn in ALSN_MODES, f"alsn must be one of {ALSN_MODES}, got {self.alsn!r}")
         need(self.fa_attention in FA_ATTENTION, f"fa_attention must be one of {FA_ATTENTION}, got {self.fa_attention!r}")
+        need(self.fa_window_kind in FA_WINDOWS, f"fa_window_kind must be one of {FA_WINDOWS}, got {self.fa_window_kind!r}")
+        need(self.dhat in DHAT_MODES, f"dhat must be one of {DHAT_MODES}, got {self.dhat!r}")
+        need(self.moda_pairs in MODA_PAIRS, f"moda_pairs must be one of {MODA_PAIRS}, got {self.moda_pairs!r}")
+        for k in ("moda_shift", "moda_border", "dapl_window"):
+            v = getattr(self, k)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{k} must be an int >= 0, got {v!r}")
+        need(isinstance(self.fa_radius, int) and 1 <= self.fa_radius <= 4, f"fa_radius must be 1…4, got {self.fa_radius!r}")
+        need(isinstance(self.fa_direct, bool), f"fa_direct must be True or False, got {self.fa_direct!r}")
+        need(isinstance(self.fa_feature_grad, (int, float)) and 0 <= self.fa_feature_grad <= 1,
+             f"fa_feature_grad must be a number in [0, 1], got {self.fa_feature_grad!r}")
+        need(isinstance(self.fa_head_init, (int, float)) and 0 <= self.fa_head_init < 1,
+             f"fa_head_init must be a number in [0, 1), got {self.fa_head_init!r}")
         need(isinstance(self.n_regblk, int) and 0 <= self.n_regblk <= 5, f"n_regblk must be 0…5 (Table 5), got {self.n_regblk!r}")
         self.ufrf_channels = tuple(self.ufrf_channels)
         need(len(self.ufrf_channels) >= 2 and all(isinstance(c, int) and c > 0 for c in self.ufrf_channels),
@@ -119,9 +149,9 @@ def to_dict(self:UniFuseConfig):
 
 @patch(cls_method=True)
 def from_dict(cls:UniFuseConfig, d:dict):
-    "Rebuild from `to_dict`; unknown keys are refused with a clear message."
+    "Rebuild from `to_dict`; unknown keys are refused with a clear message, missing ones take their `LEGACY` value."
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown: raise ValueError(f"UniFuseConfig.from_dict: unknown fields {sorted(unknown)} "
                                  f"(a config from another version of unifuse?); known: {sorted(names)}")
-    return cls(**d)
+    return cls(**{**{k: v for k, v in LEGACY.items() if k not in d}, **d})

@@ -19,7 +19,7 @@ from .layers import Conv3d, conv3d_cat, to_cl
 
 # %% auto #0
 __all__ = ['SharedEncoder', 'to_tokens', 'to_volume', 'PatchEmbed', 'token_orders', 'RunningNorm', 'StateReader',
-           'DegradationClassifier', 'PromptSelector', 'l_ce', 'DAPL']
+           'DegradationClassifier', 'PromptSelector', 'l_ce', 'window_tokens', 'DAPL']
 
 # %% ../nbs/10_dapl.ipynb #e018bc1f
 def _cl(x:Tensor) -> Tensor:
@@ -177,6 +177,32 @@ def l_ce(logits:Tensor, # (B, Ñ) classifier logits
                          f"classes), got {label.tolist()}; set n_classes=4 to train with the clean class")
     return F.cross_entropy(logits, label)
 
+# %% ../nbs/10_dapl.ipynb #a00853d8
+def _starts(n:int, w:int) -> list:
+    "Start of each of ceil(n / w) equal windows of side ≤ w that cover 0…n−1 (overlapping evenly where needed)."
+    k = math.ceil(n / w); side = math.ceil(n / k)
+    return [round(i * (n - side) / max(k - 1, 1)) for i in range(k)], side
+
+def window_tokens(t:Tensor, # (B, N, M) tokens of J_DR
+                  grid:tuple, # (d, h, w) token grid
+                  window:int, # window side in tokens (0: the whole grid is one window)
+                  ref:Tensor|None=None, # (B, 1, D, H, W) the reference: windows are weighted by their share of head (> 0.05)
+                  q:int=4, # patch side Q (ref voxels per token)
+                 ) -> tuple: # tokens (B·T, n, M), weights (B, T) summing to 1 (None when T = 1)
+    "Cut a token grid larger than `window` into T equal windows, so that DAPL reads a whole head as it reads a training crop."
+    if not window or all(g <= window for g in grid): return t, None
+    (sd, nd), (sh, nh), (sw, nw) = (_starts(g, window) for g in grid)
+    v, b = to_volume(t, grid), t.shape[0]                            # (B, M, d, h, w)
+    cut = lambda x: torch.stack([x[:, :, i:i + nd, j:j + nh, k:k + nw] for i in sd for j in sh for k in sw], 1)
+    tiles = to_tokens(cut(v).flatten(0, 1))                          # (B·T, n, M)
+    T = tiles.shape[0] // b
+    if ref is None: wts = t.new_full((b, T), 1.0 / T)
+    else:
+        fg = F.avg_pool3d((ref > 0.05).to(t.dtype), q)               # (B, 1, d, h, w) share of head per token
+        s = cut(fg).flatten(2).mean(-1).pow(2)                       # (B, T): windows full of head count most
+        wts = (s + 1e-6) / (s + 1e-6).sum(1, keepdim=True)
+    return tiles, wts
+
 # %% ../nbs/10_dapl.ipynb #82fe5a48
 class DAPL(nn.Module):
     "Degradation-aware prompt learning (§3.2): `out = dapl(deg, ref)`."
@@ -224,14 +250,19 @@ class DAPL(nn.Module):
             return dict(feat_d=fd, feat_r=fr, feat_d_hat=fd, states=(zeros,) * 3, logits=None,
                         probs=uniform, class_probs=None, prompt=const_prompt, h=None, select=None)
         j = _cl(conv3d_cat([fd, fr], self.fuse))                     # J_DR = fuse(concat(F'_D, F_R)): (B, C, D, H, W)
-        fd_hat = fd if self.mode == "A" else fd + j                  # F̂'_D: (B, C, D, H, W)
+        joint = self.mode != "A" and self.cfg.dhat == "joint"        # the earlier wiring: J_DR also in OUFR's D stream
+        fd_hat = fd + j if joint else fd                             # F̂'_D: (B, C, D, H, W)
         t, grid = self.patch(j)                                      # (B, N, M)
-        f_for = t + self.mamba1(self.norm1(t))[0]                    # F_for: (B, N, M)
+        t, wts = window_tokens(t, grid, self.cfg.dapl_window, ref, self.cfg.patch)   # (B·T, n, M), (B, T) or None
+        f_for = t + self.mamba1(self.norm1(t))[0]                    # F_for: (B·T, n, M)
         orders = token_orders(t.shape[1])
-        seqs = torch.cat([f_for[:, orders[k].to(t.device)] for k in ("for", "bac", "bid")])  # (3B, N, M)
-        _, hs = self.mamba2(self.norm2(seqs))                        # (3B, d_inner, d_state)
-        h = tuple(hs.split(b))                                       # h₁, h₂, h₃: each (B, d_inner, d_state)
-        z = self.reader(h, update)                                   # (B, d_hidden)
+        seqs = torch.cat([f_for[:, orders[k].to(t.device)] for k in ("for", "bac", "bid")])  # (3B·T, n, M)
+        _, hs = self.mamba2(self.norm2(seqs))                        # (3B·T, d_inner, d_state)
+        h = tuple(hs.chunk(3))                                       # h₁, h₂, h₃: each (B·T, d_inner, d_state)
+        z = self.reader(h, update)                                   # (B·T, d_hidden)
+        if wts is not None:                                          # windows of a large volume: their weighted mean
+            z = torch.einsum("bt,btk->bk", wts, z.unflatten(0, (b, -1)))                          # (B, d_hidden)
+            h = tuple(torch.einsum("bt,btds->bds", wts, x.unflatten(0, (b, -1))) for x in h)    # (B, d_inner, d_state)
         logits = self.classifier(z)                                  # (B, Ñ)
         class_probs = logits.softmax(-1)                             # p: (B, Ñ)
         if self.mode == "B": g, prompt, probs = None, const_prompt, uniform

@@ -17,7 +17,8 @@ from .spatial import resize_flow
 from .layers import Conv3d, on_fast_path, to_cl
 
 # %% auto #0
-__all__ = ['ChannelNorm', 'PromptMLP', 'window_cross_attention', 'ConvFFN', 'max_level', 'RegBLK', 'FA', 'reg_loss']
+__all__ = ['ChannelNorm', 'PromptMLP', 'window_cross_attention', 'neighbourhood_attention', 'ConvFFN', 'max_level', 'RegBLK',
+           'FA', 'reg_loss']
 
 # %% ../nbs/30_fa.ipynb #d7cda776
 class ChannelNorm(nn.Module):
@@ -97,6 +98,38 @@ def window_cross_attention(q:Tensor, # queries (B, C, d, h, w)
     crop = (..., slice(f0, f0 + size[0]), slice(f1, f1 + size[1]), slice(f2, f2 + size[2]))
     return out[crop], disp[crop]
 
+# %% ../nbs/30_fa.ipynb #86b93b32
+def neighbourhood_attention(q:Tensor, # queries (B, C, d, h, w)
+                            k:Tensor, # keys on the same grid (B, C, d, h, w)
+                            v:Tensor, # values (B, C, d, h, w)
+                            heads:int, # attention heads; C must be divisible by it
+                            radius:int, # each query sees the keys at offsets −radius…radius along every axis
+                            scale:Tensor|None=None, # (heads,) logit scales: cosine attention softmax(s·q̂·k̂); None: softmax(q·k/√e)
+                            slab:int=2 ** 26, # without autograd, grids whose neighbourhoods exceed this many floats go in slabs along d
+                           ) -> tuple[Tensor, Tensor]: # attended values (B, C, d, h, w), displacement (B, heads, 3, d, h, w)
+    "Cross-attention of every query to the (2r+1)³ keys centred on it; also the attention-weighted offset (0 for uniform attention)."
+    B, C, *size = q.shape
+    e, r, n = C // heads, radius, 2 * radius + 1
+    if scale is None: q = q * e ** -0.5
+    else:
+        q = (F.normalize(q.unflatten(1, (heads, e)), dim=2) * scale.to(q.dtype).view(1, -1, 1, 1, 1, 1)).flatten(1, 2)
+        k = F.normalize(k.unflatten(1, (heads, e)), dim=2).flatten(1, 2)
+    kp, vp = F.pad(k, (r,) * 6), F.pad(v, (r,) * 6)                         # zero keys and values beyond the grid (logit 0),
+                                                                            # so uniform attention has displacement 0 at the border too
+    o = torch.arange(-r, r + 1, dtype=q.dtype, device=q.device)
+    off = torch.stack(torch.meshgrid(o, o, o, indexing="ij"), -1).reshape(-1, 3)   # (K, 3) offsets, (D, H, W) order
+    def part(z0, z1):                                                       # query slices z0…z1 along d
+        hood = lambda x: (x[:, :, z0:z1 + 2 * r].unfold(2, n, 1).unfold(3, n, 1).unfold(4, n, 1)
+                          .reshape(B, heads, e, -1, n ** 3))                # (B, heads, e, N', K): each query's neighbours
+        qh = q[:, :, z0:z1].reshape(B, heads, e, -1)                        # (B, heads, e, N')
+        a = torch.einsum("bhen,bhenk->bhnk", qh, hood(kp)).softmax(-1)      # attention over the K neighbours
+        disp = torch.einsum("bhnk,kc->bhcn", a, off)                        # (B, heads, 3, N'): 0 for uniform attention
+        return torch.einsum("bhnk,bhenk->bhen", a, hood(vp)).flatten(1, 2), disp
+    per = B * C * size[1] * size[2] * n ** 3                                # floats of one d-slice's neighbourhoods
+    step = size[0] if torch.is_grad_enabled() else max(1, min(size[0], slab // max(per, 1)))
+    outs, disps = zip(*(part(z, min(z + step, size[0])) for z in range(0, size[0], step)))
+    return torch.cat(outs, -1).reshape(B, C, *size), torch.cat(disps, -1).reshape(B, heads, 3, *size)
+
 # %% ../nbs/30_fa.ipynb #4a47f083
 class ConvFFN(nn.Module):
     "Residual-free convolutional feed-forward: norm, depthwise 3×3×3, pointwise ×`expand`, GELU, pointwise."
@@ -124,10 +157,11 @@ class RegBLK(nn.Module):
                  shift:bool, # shifted windows
                  guide:int, # width of the prompt guidance vector
                  cosine:bool=False, # scaled cosine attention with a learned temperature per head (default: q·k/√e)
+                 radius:int|None=None, # centred neighbourhood attention of this radius; None: fixed windows of side `window`
                 ):
         super().__init__()
         if c % heads: raise ValueError(f"RegBLK: channels c={c} must be divisible by heads={heads}")
-        self.heads, self.window, self.level, self.shift = heads, window, level, shift
+        self.heads, self.window, self.level, self.shift, self.radius = heads, window, level, shift, radius
         self.logit_scale = nn.Parameter(torch.full((heads,), math.log(10.0))) if cosine else None   # log s, s = 10 at the start
         self.film = nn.Linear(guide, 4 * c)                                # γ_D, β_D, γ_R, β_R
         self.norm_d, self.norm_r = ChannelNorm(c), ChannelNorm(c)
@@ -139,7 +173,8 @@ class RegBLK(nn.Module):
     def forward(self, fd:Tensor, # F̄_D^i (B, c, d, h, w) on the 1/Q grid
                 fr:Tensor, # F̄_R^i (B, c, d, h, w)
                 g:Tensor, # prompt guidance (B, guide)
-               ) -> tuple[Tensor, Tensor]: # F̄_D^{i+1}, F̄_R^{i+1}
+                return_disp:bool=False, # also return R's attention displacement on the input grid (B, 3, d, h, w), mean over heads
+               ) -> tuple: # F̄_D^{i+1}, F̄_R^{i+1} (and the displacement, in 1/Q voxels)
         size = fd.shape[2:]
         gd, bd, gr, br = self.film(g)[..., None, None, None].chunk(4, 1)    # (B, c, 1, 1, 1) each
         xd = self.norm_d(fd) * (1 + gd) + bd                                # (B, c, d, h, w)
@@ -152,17 +187,24 @@ class RegBLK(nn.Module):
         qd, kd, vd = self.qkv(xd).chunk(3, 1)
         qr, kr, vr = self.qkv(xr).chunk(3, 1)
         s = None if self.logit_scale is None else self.logit_scale.clamp(max=math.log(100.0)).exp()   # (heads,)
-        ar, disp_r = window_cross_attention(qr, kd, vd, self.heads, self.window, self.shift, s)  # R looks up D: ≈ φ_D→R
-        ad, disp_d = window_cross_attention(qd, kr, vr, self.heads, self.window, self.shift, s)  # D looks up R
+        if self.radius is None:
+            ar, disp_r = window_cross_attention(qr, kd, vd, self.heads, self.window, self.shift, s)  # R looks up D: ≈ φ_D→R
+            ad, disp_d = window_cross_attention(qd, kr, vr, self.heads, self.window, self.shift, s)  # D looks up R
+        else:
+            ar, disp_r = neighbourhood_attention(qr, kd, vd, self.heads, self.radius, s)   # R looks up D: ≈ φ_D→R
+            ad, disp_d = neighbourhood_attention(qd, kr, vr, self.heads, self.radius, s)   # D looks up R
         disp_r = (disp_r * scale[:, None, None, None]).flatten(1, 2)       # (B, 3·heads, d', h', w'), 1/Q voxels
         disp_d = (disp_d * scale[:, None, None, None]).flatten(1, 2)
         ur = self.out_r(torch.cat([ar, disp_r], 1))                         # (B, c, d', h', w')
         ud = self.out_d(torch.cat([ad, disp_d], 1))
+        phi = disp_r.unflatten(1, (self.heads, 3)).mean(1) if return_disp else None   # (B, 3, d', h', w')
         if lvl:                                                             # ↑ back to the 1/Q grid
             ur = F.interpolate(ur, size=size, mode="trilinear", align_corners=False)
             ud = F.interpolate(ud, size=size, mode="trilinear", align_corners=False)
+            if phi is not None: phi = F.interpolate(phi, size=size, mode="trilinear", align_corners=False)
         fd, fr = fd + ud, fr + ur
-        return fd + self.ffn_d(fd), fr + self.ffn_r(fr)
+        fd, fr = fd + self.ffn_d(fd), fr + self.ffn_r(fr)
+        return (fd, fr, phi) if return_disp else (fd, fr)
 
 # %% ../nbs/30_fa.ipynb #9f827f6d
 class FA(nn.Module):
@@ -175,11 +217,16 @@ class FA(nn.Module):
         self.cfg = cfg
         self.proj = Conv3d(M, c, 1)                                         # M → c, shared by D and R
         self.guide = PromptMLP(cfg.prompt_len, M, c) if J else None         # only RegBLKs read the prompt
+        radius = cfg.fa_radius if cfg.fa_window_kind == "centred" else None
         self.blocks = nn.ModuleList(RegBLK(c, heads, cfg.fa_window, level=J - 1 - i, shift=bool(i % 2), guide=c,
-                                           cosine=cfg.fa_attention == "cosine")
+                                           cosine=cfg.fa_attention == "cosine", radius=radius)
                                     for i in range(J))
         self.head = nn.Sequential(Conv3d(2 * c, c, 3, padding=1), nn.ReLU(), Conv3d(c, 3, 1))
-        nn.init.zeros_(self.head[-1].weight); nn.init.zeros_(self.head[-1].bias)   # φ = 0 (identity) at start
+        nn.init.zeros_(self.head[-1].bias)
+        if cfg.fa_head_init > 0: nn.init.normal_(self.head[-1].weight, std=cfg.fa_head_init)   # small: φ ≈ 0, gradient everywhere
+        else: nn.init.zeros_(self.head[-1].weight)                          # φ = 0 (identity) at start
+        # direct path: φ at 1/Q starts as the finest block's attention displacement; coarser blocks' weights start at 0
+        self.direct = nn.Parameter(torch.tensor([0.0] * (J - 1) + [1.0])) if (cfg.fa_direct and J) else None
 
     def forward(self, fbar_d:Tensor, # F̄'_D as a volume (B, M, D/Q, H/Q, W/Q)
                 fbar_r:Tensor, # F̄_R as a volume (B, M, D/Q, H/Q, W/Q)
@@ -195,8 +242,13 @@ class FA(nn.Module):
         if len(size) != 3: raise ValueError(f"FA: size must be (D, H, W), got {size}")
         g = self.guide(prompt) if self.blocks else None                     # (B, c)
         fd, fr = self.proj(fbar_d), self.proj(fbar_r)                       # F̄_D^1, F̄_R^1 (B, c, d, h, w)
-        for blk in self.blocks: fd, fr = blk(fd, fr, g)                     # F̄^{i+1}
-        phi_c = self.head(torch.cat([fd, fr], 1)).contiguous()              # (B, 3, d, h, w), 1/Q voxels; channels-first:
+        disps = []
+        for blk in self.blocks:                                             # F̄^{i+1}
+            if self.direct is None: fd, fr = blk(fd, fr, g)
+            else: fd, fr, u = blk(fd, fr, g, return_disp=True); disps.append(u)   # u: (B, 3, d, h, w) 1/Q voxels
+        phi_c = self.head(torch.cat([fd, fr], 1))                           # (B, 3, d, h, w), 1/Q voxels
+        if disps: phi_c = phi_c + torch.einsum("j,jbcdhw->bcdhw", self.direct.to(phi_c.dtype), torch.stack(disps))
+        phi_c = phi_c.contiguous()                                          # channels-first:
         phi = resize_flow(phi_c, size)                                      # (B, 3, D, H, W), ×Q, values ×Q  (trilinear is faster so)
         return (phi, phi_c) if return_coarse else phi
 

@@ -15,8 +15,8 @@ from .spatial import warp, jacobian_det
 
 # %% auto #0
 __all__ = ['METRICS', 'q_mse', 'q_cc', 'q_psnr', 'q_scd', 'ssim', 'q_ssim', 'vif', 'q_vif', 'q_viff', 'fusion_metrics',
-           'alignment_metrics', 'dice', 'folding_fraction', 'warp_labels', 'invert_flow', 'count_params', 'count_flops',
-           'flops_by_module']
+           'alignment_metrics', 'dice', 'folding_fraction', 'warp_labels', 'invert_flow', 'feature_content',
+           'correspondence_margin', 'count_params', 'count_flops', 'flops_by_module']
 
 # %% ../nbs/60_metrics.ipynb #d280c281
 def _as_batch(x, name:str) -> tuple[torch.Tensor, bool]:
@@ -363,6 +363,33 @@ def invert_flow(flow, # (B, 3, D, H, W) displacement in voxels
     u = u.float(); v = -u
     for _ in range(iters): v = -warp(u, v)                                      # v(p) = -u(p + v(p))
     return v[0] if single else v
+
+def _centred(f:torch.Tensor) -> torch.Tensor:
+    "Each channel's spatial mean subtracted: (B, M, d, h, w)."
+    return f - f.mean((2, 3, 4), keepdim=True)
+
+def feature_content(f:torch.Tensor, # F̄'_D (B, M, d, h, w) as FA receives it
+                    f_mirror:torch.Tensor, # the same from the pair with DEG mirrored along all three axes (REF unchanged)
+                   ) -> torch.Tensor: # (B,) ‖c(f) − c(f')‖ / ‖c(f)‖: 0 when the features ignore their own input
+    "How much of F̄'_D's variation comes from its own input (c() centres each channel over the grid)."
+    if f.ndim != 5 or f.shape != f_mirror.shape:
+        raise ValueError(f"feature_content: f and f_mirror must be (B, M, d, h, w) of one shape, got {tuple(f.shape)} and {tuple(f_mirror.shape)}")
+    a, b = _centred(f.double()), _centred(f_mirror.double())
+    return ((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-12)).float()
+
+def correspondence_margin(fr:torch.Tensor, # F̄_R (B, M, d, h, w)
+                          fd:torch.Tensor, # F̄'_D (B, M, d, h, w)
+                          fd_mirror:torch.Tensor, # F̄'_D of the pair with DEG mirrored
+                          flow:torch.Tensor, # φ_gt on the same 1/Q grid (B, 3, d, h, w), in its voxels
+                         ) -> torch.Tensor: # (B,) mean over tokens of cos(c(F̄_R), W(c(F̄'_D), φ_gt)) − cos(c(F̄_R), c(F̄'_D′))
+    "How much better F̄_R matches F̄'_D at the true correspondence than a D of the wrong anatomy at the same cell."
+    if not (fr.shape == fd.shape == fd_mirror.shape) or fr.ndim != 5 or flow.shape != (fr.shape[0], 3, *fr.shape[2:]):
+        raise ValueError(f"correspondence_margin: features (B, M, d, h, w) of one shape and flow (B, 3, d, h, w) on their grid; "
+                         f"got {tuple(fr.shape)}, {tuple(fd.shape)}, {tuple(fd_mirror.shape)}, {tuple(flow.shape)}")
+    r, d, m = (_centred(x.float()) for x in (fr, fd, fd_mirror))
+    true = F.cosine_similarity(r, warp(d, flow.float()), dim=1)                  # (B, d, h, w)
+    wrong = F.cosine_similarity(r, m, dim=1)
+    return (true - wrong).flatten(1).mean(1)
 
 # %% ../nbs/60_metrics.ipynb #40c02b6d
 def count_params(module:torch.nn.Module, trainable_only:bool=False) -> int:

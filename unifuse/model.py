@@ -18,10 +18,11 @@ from .config import UniFuseConfig
 from .files import atomic_path
 from .spatial import warp, resize_flow
 from .dapl import DAPL, to_volume
-from .oufr import OUFR, moda_loss
+from .oufr import OUFR, moda_loss, l_cont, shifted_crops, correspondence
 from .fa import FA, reg_loss
 from .ufrf import UFRF, fusion_losses
 from .colour import luma, rgb_to_ycbcr
+from .metrics import feature_content, correspondence_margin
 
 _all_ = ["UniFuseConfig"]                                                   # re-exported: one import for users
 FORMAT_VERSIONS = (1,)                                                      # checkpoint layouts this version reads
@@ -77,7 +78,9 @@ class UniFuse(nn.Module):
         d = self.dapl(luma(deg), ref)                                       # F'_D, F_R, F̂'_D, h, p, P̂ (grey: Y of colour input)
         fbar_d, fbar_r = self.oufr(d["feat_d_hat"], d["feat_r"], d["states"])  # F̄'_D, F̄_R (B, N, M)
         vd, vr = to_volume(fbar_d, grid), to_volume(fbar_r, grid)           # (B, M, D/Q, H/Q, W/Q)
-        flow, flow_c = self.fa(vd, vr, d["prompt"], size, return_coarse=True)  # φ (B, 3, D, H, W), φ↓
+        s = self.cfg.fa_feature_grad                                        # how much of L_reg reaches DAPL and OUFR
+        g = (lambda x: x) if s == 1 else (lambda x: x.detach() if s == 0 else x.detach() + s * (x - x.detach()))
+        flow, flow_c = self.fa(g(vd), g(vr), d["prompt"], size, return_coarse=True)  # φ (B, 3, D, H, W), φ↓
         warped = warp(deg, flow)                                            # W(I'_D, φ): (B, 1 or 3, D, H, W)
         chroma = rgb_to_ycbcr(warped)[:, 1:] if deg.shape[1] == 3 else None # Cb, Cr of the aligned colour input
         fused = self.ufrf(warp(d["feat_d"], flow), d["feat_r"],             # W(F'_D, φ), F_R
@@ -183,18 +186,66 @@ def loss(self:UniFuse, batch:dict, # from `unifuse.degrade.make_batch`: ref, deg
     d = o["dapl"]
     L = dict(ce=self.dapl.ce_loss(d, b["label"]))                       # Eq. 1
     zero = ref.new_zeros(())
-    if w["moda"] != 0:                                                  # the second pair {I_D, I'_R}
+    if w["moda"] == 0: L["moda"] = zero
+    elif cfg.moda_pairs == "grid":                                      # the literal reading: the same grid cell
         d2 = self.dapl(pad(luma(b["deg_label"])), pad(b["ref_moved"]), update=False)   # only training pairs move the read-out's statistics
         fbar_d2, fbar_rp = self.oufr(d2["feat_d_hat"], d2["feat_r"], d2["states"])   # F̄_D, F̄'_R
         L["moda"] = moda_loss(o["fbar_d"], o["fbar_r"], fbar_d2, fbar_rp,          # Eq. 4: (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
                               K=cfg.moda_negatives, tau=cfg.moda_tau, generator=generator)
-    else: L["moda"] = zero
+    else: L["moda"] = self.moda_shifted(b, generator)                  # the same anatomical point of shifted crops
     flow = crop_to(o["flow"], size)
     L["reg"] = reg_loss(flow, b["flow"])                                # Eq. 6
     target_d = crop_to(warp(pad(b["deg_fine"]), o["flow"]), size)       # W(I'_fine, φ_D→R)
     L.update(fusion_losses(crop_to(o["fused"], size), target_d, ref))   # Eq. 11–13
     L["total"] = sum(w[k] * L[k] for k in ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb"))  # Eq. 15
     return L
+
+@patch
+def moda_shifted(self:UniFuse, b:dict, # the training batch (floating tensors in the model's dtype)
+                 generator:torch.Generator|None=None, # for the crops' offsets and the negatives
+                ) -> Tensor: # L_moda (Eq. 4) = L_cont(F̄_D, F̄_R) + L_cont(F̄'_D, F̄'_R) at corresponding tokens of shifted crops
+    "L_moda on the two aligned pairs {I_D, I_R} and {I'_D, I'_R}, each cut into two crops shifted by whole tokens."
+    cfg, B = self.cfg, b["ref"].shape[0]
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device if generator is not None else "cpu"))
+    g = torch.Generator().manual_seed(seed)                             # offsets drawn on the CPU, reproducibly
+    m = self.multiple
+    pad = lambda x: pad_to_multiple(x, m)[0]
+    d = pad(torch.cat([luma(b["deg_label"]), luma(b["deg"])]))          # I_D, I'_D: (2B, 1, D, H, W)
+    r = pad(torch.cat([b["ref"], b["ref_moved"]]))                      # I_R, I'_R
+    dc, rc, shift = shifted_crops(d, r, cfg.patch, cfg.moda_shift, g, keep=2 * cfg.moda_border + 2)   # anchors left at any size
+    o = self.dapl(dc, rc, update=False)                                 # only training pairs move the read-out's statistics
+    fd, fr = self.oufr(o["feat_d_hat"], o["feat_r"], o["states"])      # (2B, N, M) each
+    pos, mask = correspondence(tuple(x // cfg.patch for x in dc.shape[2:]), shift, cfg.moda_border)
+    pos, mask = pos.to(fd.device), mask.to(fd.device)
+    same = torch.arange(pos.shape[1], device=fd.device).expand_as(pos)  # R's token at the anchor's own cell: another point
+    cont = lambda s: l_cont(fd[s], fr[s], cfg.moda_negatives, cfg.moda_tau, generator, pos[s], mask[s], same[s])
+    return cont(slice(0, B)) + cont(slice(B, 2 * B))                    # (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
+
+@patch
+def features(self:UniFuse, ref:Tensor, # I_R (B, 1, D, H, W)
+             deg:Tensor, # I'_D (B, 1 or 3, D, H, W)
+            ) -> tuple: # F̄'_D, F̄_R as FA receives them: (B, M, D'/Q, H'/Q, W'/Q) on the padded grid
+    "The unified features FA matches (after DAPL and OUFR), as volumes."
+    self._check(ref, deg)
+    dtype = next(self.parameters()).dtype
+    rp, dp = (pad_to_multiple(x.to(dtype), self.multiple)[0] for x in (ref, deg))
+    grid = tuple(s // self.cfg.patch for s in rp.shape[2:])
+    d = self.dapl(luma(dp), rp, update=False)
+    fd, fr = self.oufr(d["feat_d_hat"], d["feat_r"], d["states"])
+    return to_volume(fd, grid), to_volume(fr, grid)
+
+@patch
+def feature_probe(self:UniFuse, ref:Tensor, # I_R (B, 1, D, H, W)
+                  deg:Tensor, # I'_D (B, 1 or 3, D, H, W)
+                  flow_gt:Tensor, # φ_gt (B, 3, D, H, W), voxels
+                 ) -> dict: # content (B,) and margin (B,): see `unifuse.metrics.feature_content` and `correspondence_margin`
+    "Does OUFR's output carry the anatomy of I'_D? Its content (DEG mirrored) and the margin at the true correspondence."
+    with torch.no_grad():
+        fd, fr = self.features(ref, deg)
+        fd_m, _ = self.features(ref, deg.flip(2, 3, 4))                 # the same pair with DEG mirrored along all axes
+        phi = pad_to_multiple(flow_gt.to(fd.dtype), self.multiple)[0]
+        phi_c = resize_flow(phi, tuple(fd.shape[2:]))                   # φ_gt at 1/Q (values ÷Q)
+    return dict(content=feature_content(fd, fd_m), margin=correspondence_margin(fr, fd, fd_m, phi_c))
 
 # %% ../nbs/50_model.ipynb #e412bbad
 @patch

@@ -19,7 +19,8 @@ from .dapl import PatchEmbed, to_volume, to_tokens
 from .layers import Conv3d, on_fast_path
 
 # %% auto #0
-__all__ = ['spatial_ssm', 'SpatialMambaLayer', 'MambaLayer', 'TransformerLayer', 'OUFR', 'l_cont', 'moda_loss']
+__all__ = ['spatial_ssm', 'SpatialMambaLayer', 'MambaLayer', 'TransformerLayer', 'OUFR', 'l_cont', 'moda_loss', 'shifted_crops',
+           'correspondence']
 
 # %% ../nbs/20_oufr.ipynb #44af0a5d
 _LOG2E = 1.4426950408889634                                          # exp(z) = 2^(z log2 e); exp2 is the faster one
@@ -216,27 +217,38 @@ class OUFR(nn.Module):
 
 # %% ../nbs/20_oufr.ipynb #be3d0c5e
 def l_cont(F1:Tensor, # (B, N, M) anchors f_i
-           F2:Tensor, # (B, N, M) positives (same position) and negatives (other positions)
+           F2:Tensor, # (B, N2, M) positives and negatives
            K:int=256, # negatives per anchor
            tau:float=0.1, # temperature τ
            generator:torch.Generator=None, # for the random negatives (on F2's device)
-          ) -> Tensor: # scalar L_cont (Eq. 5), mean over the B·N anchors
-    "InfoNCE between same-position tokens of two aligned feature sets, K random other-position negatives, cosine similarity."
-    if F1.ndim != 3 or F1.shape != F2.shape:
-        raise ValueError(f"l_cont: F1 and F2 must be (B, N, M) token sets of the same shape, got "
+           pos:Tensor|None=None, # (B, N) index into F2 of each anchor's positive; None: the same position (N2 = N)
+           mask:Tensor|None=None, # (B, N) bool: anchors that count; None: all
+           hard:Tensor|None=None, # (B, N) index into F2 of one more negative per anchor (ignored where it is the positive)
+          ) -> Tensor: # scalar L_cont (Eq. 5), mean over the anchors that count
+    "InfoNCE between corresponding tokens of two feature sets, K random other tokens as negatives, cosine similarity."
+    if F1.ndim != 3 or F2.ndim != 3 or F1.shape[0] != F2.shape[0] or F1.shape[2] != F2.shape[2] or (pos is None and F1.shape != F2.shape):
+        raise ValueError(f"l_cont: F1 and F2 must be (B, N, M) token sets of the same shape (or pass `pos`), got "
                          f"{tuple(F1.shape)} and {tuple(F2.shape)}")
     b, n, _ = F1.shape
-    if n < 2: raise ValueError(f"l_cont: needs N >= 2 tokens to draw negatives from, got N={n}")
+    n2 = F2.shape[1]
+    if n2 < 2: raise ValueError(f"l_cont: needs N >= 2 tokens to draw negatives from, got N={n2}")
+    if pos is None: pos = torch.arange(n, device=F2.device).expand(b, n)
     f1, f2 = F.normalize(F1, dim=-1), F.normalize(F2, dim=-1)
-    pos = (f1 * f2).sum(-1, keepdim=True)                            # sim(f_i, f_i⁺): (B, N, 1)
-    k = min(K, n - 1)
-    cand = torch.rand(b, n, device=F2.device, generator=generator).argsort(-1)[:, :k + 1]   # (B, K+1)
+    sim_pos = (f1 * torch.gather(f2, 1, pos[..., None].expand(-1, -1, f2.shape[-1]))).sum(-1, keepdim=True)   # (B, N, 1)
+    k = min(K, n2 - 1)
+    cand = torch.rand(b, n2, device=F2.device, generator=generator).argsort(-1)[:, :k + 1]   # (B, K+1)
     neg = f1 @ torch.gather(f2, 1, cand[..., None].expand(-1, -1, f2.shape[-1])).transpose(1, 2)   # (B, N, K+1)
-    own = cand[:, None, :] == torch.arange(n, device=F2.device)[None, :, None]   # (B, N, K+1): f_j⁻ = f_i⁺?
+    own = cand[:, None, :] == pos[:, :, None]                        # (B, N, K+1): f_j⁻ = f_i⁺?
     surplus = ~own.any(-1, keepdim=True) & (torch.arange(k + 1, device=F2.device) == k)   # drop the extra one
     neg = neg.masked_fill(own | surplus, float("-inf"))
-    logits = torch.cat([pos, neg], -1) / tau                         # (B, N, 1+K+1)
-    return -logits.log_softmax(-1)[..., 0].mean()
+    if hard is not None:                                             # e.g. the token at the anchor's own cell
+        sim_hard = (f1 * torch.gather(f2, 1, hard[..., None].expand(-1, -1, f2.shape[-1]))).sum(-1, keepdim=True)
+        neg = torch.cat([neg, sim_hard.masked_fill((hard == pos)[..., None], float("-inf"))], -1)
+    logits = torch.cat([sim_pos, neg], -1) / tau                     # (B, N, 1+K+1(+1))
+    loss = -logits.log_softmax(-1)[..., 0]                           # (B, N)
+    if mask is None: return loss.mean()
+    m = mask.to(loss.dtype)
+    return (loss * m).sum() / m.sum().clamp_min(1)
 
 def moda_loss(fbar_dp:Tensor, # F̄'_D: (B, N, M) from the training pair {I'_D, I_R}
               fbar_r:Tensor,  # F̄_R: (B, N, M) from the training pair
@@ -244,5 +256,39 @@ def moda_loss(fbar_dp:Tensor, # F̄'_D: (B, N, M) from the training pair {I'_D, 
               fbar_rp:Tensor, # F̄'_R: (B, N, M) from the second pair
               K:int=256, tau:float=0.1, generator:torch.Generator=None,
              ) -> Tensor:     # scalar L_moda (Eq. 4)
-    "L_moda = L_cont(F̄_D, F̄_R) + L_cont(F̄'_D, F̄'_R): each term pairs features of mutually aligned volumes."
+    "L_moda = L_cont(F̄_D, F̄_R) + L_cont(F̄'_D, F̄'_R): each term pairs features of mutually aligned volumes (same grid cell)."
     return l_cont(fbar_d, fbar_r, K, tau, generator) + l_cont(fbar_dp, fbar_rp, K, tau, generator)
+
+# %% ../nbs/20_oufr.ipynb #1aaee23f
+def shifted_crops(d:Tensor, # (B, C, D, H, W) one member of aligned pairs
+                  r:Tensor, # (B, 1, D, H, W) the other member, on the same grid
+                  q:int, # patch side Q: shifts are whole tokens
+                  max_shift:int, # largest shift along an axis, tokens
+                  generator:torch.Generator|None=None, # for the offsets (on the CPU)
+                  keep:int=2, # the crops keep at least this many tokens a side (smaller grids are shifted less)
+                 ) -> tuple: # d crop, r crop (same size), shift (B, 3) in tokens: r's crop starts `shift` tokens after d's
+    "Equal-size crops of `d` and `r` at random offsets, per sample: the same anatomy sits at different cells of the two crops."
+    n = [s // q for s in d.shape[2:]]
+    sh = [min(max_shift, max(0, g - keep)) for g in n]
+    side = [(g - m) * q for g, m in zip(n, sh)]
+    if not any(sh): return d, r, torch.zeros(d.shape[0], 3, dtype=torch.long)
+    a = torch.stack([torch.randint(0, m + 1, (d.shape[0],), generator=generator) for m in sh], 1)   # (B, 3) tokens
+    b = torch.stack([torch.randint(0, m + 1, (d.shape[0],), generator=generator) for m in sh], 1)
+    box = lambda x, o: x[:, :, o[0] * q:o[0] * q + side[0], o[1] * q:o[1] * q + side[1], o[2] * q:o[2] * q + side[2]]
+    dc = torch.cat([box(d[i:i + 1], a[i].tolist()) for i in range(d.shape[0])])
+    rc = torch.cat([box(r[i:i + 1], b[i].tolist()) for i in range(r.shape[0])])
+    return dc, rc, b - a
+
+def correspondence(grid:tuple, # (d, h, w) token grid of both crops
+                   shift:Tensor, # (B, 3) tokens: the r crop starts this far after the d crop
+                   border:int=0, # tokens this close to either crop's border do not count
+                  ) -> tuple: # pos (B, N): r token at the anatomy of each d token; mask (B, N) bool
+    "For each token t of the d crop, the token t − shift of the r crop (same anatomical point), and which of them count."
+    idx = torch.stack(torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij"), -1).reshape(1, -1, 3)   # (1, N, 3)
+    g = torch.tensor(grid)
+    u = idx - shift[:, None, :]                                      # (B, N, 3) in the r crop
+    ok = lambda x: ((x >= border) & (x < g - border)).all(-1)
+    mask = ok(idx) & ok(u)
+    u = torch.minimum(torch.maximum(u, torch.zeros_like(u)), g - 1)  # clamped where not counted
+    pos = (u[..., 0] * grid[1] + u[..., 1]) * grid[2] + u[..., 2]
+    return pos, mask

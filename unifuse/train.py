@@ -24,13 +24,13 @@ from .colour import luma
 from . import data as udata
 
 # %% auto #0
-__all__ = ['TINY_STEPS', 'PAPER_STEPS', 'TASK_NAMES', 'READERS', 'LOSS_KEYS', 'VAL_KEYS', 'LOWER_IS_BETTER', 'HELP', 'PRESETS',
-           'MODALITIES', 'BRAIN_LABELS', 'FOV_MM', 'VAL_SEED0', 'CSV_COLUMNS', 'RUN_FILES', 'TrainConfig',
+__all__ = ['TINY_STEPS', 'PAPER_STEPS', 'TASK_NAMES', 'READERS', 'LOSS_KEYS', 'VAL_KEYS', 'LOWER_IS_BETTER', 'TEST_SEED0', 'HELP',
+           'PRESETS', 'MODALITIES', 'BRAIN_LABELS', 'FOV_MM', 'VAL_SEED0', 'CSV_COLUMNS', 'RUN_FILES', 'TrainConfig',
            'CosineSchedule', 'lr_at', 'physical_ranges', 'builtin_grid', 'BuiltinSubjects', 'ReaderSubjects',
            'load_entry', 'warm_cache', 'cut', 'task_of', 'batch_plan', 'shard', 'make_pairs', 'SubjectBuffer',
-           'validation_set', 'validate', 'rng_state', 'set_rng_state', 'load_training_checkpoint', 'RunLog',
-           'TrainingStopped', 'resolve_device', 'make_reader', 'Trainer', 'check_out', 'train', 'config_from_args',
-           'main']
+           'validation_set', 'validate', 'heldout_set', 'alignment_check', 'rng_state', 'set_rng_state',
+           'load_training_checkpoint', 'RunLog', 'TrainingStopped', 'resolve_device', 'make_reader', 'Trainer',
+           'check_out', 'train', 'config_from_args', 'main']
 
 # %% ../nbs/90_train.ipynb #6439a1a9
 TINY_STEPS = 150  # the step budget of `tiny`: `unifuse-train --preset tiny` ends within 10 minutes on a 2-core CPU, pool included
@@ -39,8 +39,9 @@ TASK_NAMES = ("mri", "ct", "pet")
 READERS = {"brats2020": "BraTS2020", "synthrad2023": "SynthRAD2023", "petct": "PETCT", "csv": "CSVPairs"}
 LOSS_KEYS = ("total",) + tuple(LOSS_TERMS)  # what `UniFuse.loss` returns
 VAL_KEYS = ("total", "Q_mse", "Q_cc", "Q_psnr", "Q_scd", "Q_vif", "Q_ssim", "Q_viff", "align_mse", "align_cc",
-            "align_ssim", "align_dice", "align_folding", "epe_mm", "acc")  # what a validation pass reports
-LOWER_IS_BETTER = {"total", "Q_mse", "align_mse", "align_folding", "epe_mm"}
+            "align_ssim", "align_dice", "align_folding", "epe_mm", "epe_ratio", "content", "margin", "acc")  # what a validation pass reports
+LOWER_IS_BETTER = {"total", "Q_mse", "align_mse", "align_folding", "epe_mm", "epe_ratio"}
+TEST_SEED0 = 300_000  # first built-in subject of the held-out test block (no training run or validation sees it)
 
 HELP = {  # one line per field: the `--help` of unifuse-train and the table below
     "preset": "the named recipe these settings started from",
@@ -539,6 +540,7 @@ def validate(model:UniFuse, # evaluated in eval mode (restored afterwards)
         with ctx():
             out = model(vb["ref"], vb["deg"])
             L = model.loss(vb, generator=torch.Generator(vb["ref"].device).manual_seed(0))
+            probe = model.feature_probe(vb["ref"], vb["deg"], vb["flow"])   # content of F̄'_D, margin at φ_gt
     finally: model.train(was)
     fused, flow = out["fused"].float().clamp(0, 1), out["flow"].float()
     grey = lambda x: luma(x) if x.shape[1] == 3 else x
@@ -550,7 +552,10 @@ def validate(model:UniFuse, # evaluated in eval mode (restored afterwards)
         case.pop("_align_cache", None)                                     # keeps the labels moved back (computed once)
         head = vb["ref"][i, 0] > 0.05
         err = (flow[i] - vb["flow"][i].float()).norm(dim=0)                    # (D, H, W) voxels
+        zero = vb["flow"][i].float().norm(dim=0)                               # the error of φ = 0
         r["epe_mm"] = float(err[head].mean() if head.any() else err.mean()) * vb["spacing_mm"][i]
+        r["epe_ratio"] = float(err[head].mean() / zero[head].mean().clamp_min(1e-6)) if head.any() else float("nan")
+        r["content"], r["margin"] = float(probe["content"][i]), float(probe["margin"][i])
         r["acc"] = float(out["probs"][i].argmax() == vb["label"][i])
         r["task"] = vb["task"][i]
         rows.append(r)
@@ -558,6 +563,46 @@ def validate(model:UniFuse, # evaluated in eval mode (restored afterwards)
     mean["total"] = float(L["total"])
     for t in dict.fromkeys(vb["task"]): mean[f"Q_ssim_{t}"] = float(np.mean([r["Q_ssim"] for r in rows if r["task"] == t]))
     return dict(mean=mean, rows=rows, fused=fused, warped=out["warped"].float(), flow=flow)
+
+# %% ../nbs/90_train.ipynb #c4ebdf0e
+def heldout_set(n_subjects:int=4, # held-out built-in subjects (one pair per task each; every second skull-stripped)
+                crop:int=64, # side of the centre crops, voxels
+                spacing_mm:float=1.5, # the spacing the model was trained at (`model.meta['spacing_mm']`)
+                pool_dir="runs/pool", # where the subjects are made once and cached
+                cfg:TrainConfig|None=None, # misalignment and degradation ranges (default: the `cpu` preset's)
+                device="cpu", workers:int=2,
+               ) -> dict: # `validation_set` of subjects TEST_SEED0… (never trained or validated on)
+    "The held-out test pairs: built-in subjects no run trains or validates on, degraded and moved as in training."
+    cfg = (cfg or TrainConfig.preset("cpu")).replace(val_crop=crop, spacing_mm=spacing_mm)
+    ds = BuiltinSubjects(range(TEST_SEED0, TEST_SEED0 + n_subjects), spacing_mm, pool_dir)
+    files = warm_cache([ds], workers)
+    return validation_set([load_entry(f, device) for f in files], cfg, device)
+
+@torch.no_grad()
+def alignment_check(model:UniFuse, # evaluated in eval mode (restored afterwards)
+                    vb:dict, # `heldout_set` (or `validation_set`)
+                   ) -> dict: # per task and "all": epe_ratio (Σ mean error / Σ mean |φ_gt|), epe_vox, zero_vox, content, margin, acc, n
+    "Does the model align? Flow error against zero flow (voxels where I_R > 0.05), the feature probe and the class, per task."
+    was = model.training; model.eval()
+    try:
+        rows = []
+        for i in range(vb["ref"].shape[0]):                                   # one pair at a time: whole heads fit too
+            ref, deg, gt = vb["ref"][i:i + 1], vb["deg"][i:i + 1], vb["flow"][i:i + 1].float()
+            out = model(ref, deg)
+            pr = model.feature_probe(ref, deg, gt)
+            head = ref[0, 0] > 0.05
+            err, zero = (out["flow"][0].float() - gt[0]).norm(dim=0)[head], gt[0].norm(dim=0)[head]
+            rows.append(dict(task=vb["task"][i], err=float(err.mean()), zero=float(zero.mean()),
+                             content=float(pr["content"][0]), margin=float(pr["margin"][0]),
+                             acc=float(out["probs"][0].argmax() == vb["label"][i])))
+    finally: model.train(was)
+    res = {}
+    for t in list(dict.fromkeys(r["task"] for r in rows)) + ["all"]:
+        rs = [r for r in rows if t in ("all", r["task"])]
+        e, z = (sum(r[k] for r in rs) for k in ("err", "zero"))          # sums over the pairs of their means
+        res[t] = dict(epe_ratio=e / max(z, 1e-9), epe_vox=e / len(rs), zero_vox=z / len(rs), n=len(rs),
+                      **{k: float(np.mean([r[k] for r in rs])) for k in ("content", "margin", "acc")})
+    return res
 
 # %% ../nbs/90_train.ipynb #0fd24a81
 def rng_state() -> dict:
@@ -1041,7 +1086,8 @@ def validate(self:Trainer) -> dict|None:
     per = " ".join(f"{t}={v[f'Q_ssim_{t}']:.3f}" for t in dict.fromkeys(self.vb["task"]))
     self._say(f"validation at step {self.step}: loss {v['total']:.4f}, Q_ssim {v['Q_ssim']:.4f} ({per}), "
               f"Q_psnr {v['Q_psnr']:.2f} dB, Q_vif {v['Q_vif']:.3f}, align_cc {v['align_cc']:.4f}, "
-              f"Dice {v['align_dice']:.3f}, flow error {v['epe_mm']:.2f} mm, class accuracy {v['acc']:.2f}"
+              f"Dice {v['align_dice']:.3f}, flow error {v['epe_mm']:.2f} mm ({v['epe_ratio']:.2f}× zero flow), "
+              f"content {v['content']:.2f}, margin {v['margin']:+.3f}, class accuracy {v['acc']:.2f}"
               f"{'  (best)' if better else ''}  [{time.time() - t0:.1f} s]")
     if self.log is not None:
         self.log.preview(self.vb, res, self.step)
@@ -1106,7 +1152,7 @@ def _summary(self:Trainer):
     if not vals: return
     first, last = vals[0], vals[-1]
     lines = [f"finished {self.step} steps in {self.elapsed:.0f} s; validation at step {int(first['step'])} → {int(last['step'])}:"]
-    for k in ("total", "Q_ssim", "Q_psnr", "Q_cc", "Q_vif", "align_cc", "align_dice", "epe_mm"):
+    for k in ("total", "Q_ssim", "Q_psnr", "Q_cc", "Q_vif", "align_cc", "align_dice", "epe_mm", "epe_ratio", "content", "margin"):
         a, b = float(first[f"val_{k}"]), float(last[f"val_{k}"])
         good = (b < a) if k in LOWER_IS_BETTER else (b > a)
         lines.append(f"  {k:11s} {a:9.4f} → {b:9.4f}  {'better' if good else 'not better'}")
