@@ -12,6 +12,7 @@ below); a new list goes into ROWS.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from unifuse import data as D
 from unifuse import evaluate as E
 from unifuse import metrics as M
 from unifuse import spatial as S
+from unifuse.files import write_text
 
 
 @dataclass
@@ -55,8 +57,14 @@ def vol(n=8, value=None, dtype=np.float32):
     return np.random.default_rng(0).random((n, n, n)).astype(dtype) if value is None else np.full((n, n, n), value, dtype)
 
 def nii(tmp, name, arr, affine=None):
-    "A NIfTI file in the scratch folder."
-    return D.save_nifti(tmp / name, arr, np.eye(4) if affine is None else affine)
+    "A NIfTI file in the scratch folder (bad values included: it makes the bad inputs)."
+    return D.save_nifti(tmp / name, arr, np.eye(4) if affine is None else affine, check_finite=False)
+
+def damaged(path):
+    "Flip 64 bytes in the middle of a file (a bad copy): the archive's checksums no longer match."
+    b = bytearray(Path(path).read_bytes()); n = len(b) // 2
+    b[n:n + 64] = bytes(x ^ 0xFF for x in b[n:n + 64]); Path(path).write_bytes(bytes(b))
+    return path
 
 def with_nan(a, idx=(1, 2, 3)):
     a = a.copy() if isinstance(a, np.ndarray) else a.clone()
@@ -130,6 +138,13 @@ DATA = [
     Case("save_nifti: singular affine", lambda t: D.save_nifti(t / "x.nii", vol(), np.diag([1.0, 0, 1, 1])), ValueError, ("affine", "singular")),
     Case("save_nifti: not a .nii name", lambda t: D.save_nifti(t / "x.png", vol(), np.eye(4)), ValueError, ("path", r"\.nii or \.nii\.gz")),
     Case("save_nifti: a folder", lambda t: D.save_nifti(t, vol(), np.eye(4)), ValueError, ("path", r"\.nii")),
+    Case("save_nifti: a NaN voxel (load_nifti would refuse the file)", lambda t: D.save_nifti(t / "x.nii", with_nan(vol()), np.eye(4)), ValueError, ("vol", "NaN", "nothing")),
+    Case("save_nifti: float64 beyond float32's range", lambda t: D.save_nifti(t / "x.nii", vol(dtype=np.float64) * 1e300, np.eye(4)), ValueError, ("vol", "float32's range", "nothing")),
+    Case("save_nifti: nothing written when refused", lambda t: (pytest.raises(ValueError, D.save_nifti, t / "x.nii", with_nan(vol()), np.eye(4)),
+                                                          sorted(x.name for x in t.iterdir()))[1], None, (), check=lambda names: names == []),
+    Case("atomic writes: a replaced file keeps its mode", lambda t: (write_text(t / "a.txt", "1"), os.chmod(t / "a.txt", 0o600),
+                                                             write_text(t / "a.txt", "2"), oct(os.stat(t / "a.txt").st_mode & 0o777))[-1],
+         None, (), check=lambda m: m == "0o600"),
     Case("save_nifti: complex values", lambda t: D.save_nifti(t / "x.nii", vol().astype(np.complex64), np.eye(4)), TypeError, ("vol", "real numbers")),
     Case("save_nifti: meta tensor", lambda t: D.save_nifti(t / "x.nii", META[0, 0], np.eye(4)), TypeError, ("vol", "meta tensor")),
     Case("save_nifti: torch long labels", lambda t: D.load_nifti(D.save_nifti(t / "l.nii.gz", labels(), np.eye(4)), dtype=None)[0],
@@ -401,6 +416,7 @@ MODEL = [
     Case("UniFuse.load: unknown format_version", lambda t: UniFuse.load(saved(t, lambda c: c.update(format_version=99))), ValueError, ("format_version=99", "does not know")),
     Case("UniFuse.load: weights of another config", lambda t: UniFuse.load(saved(t, lambda c: c.update(config=UniFuseConfig.tiny(embed_dim=8).to_dict()))), ValueError, ("m.pt", "do not fit")),
     Case("UniFuse.load: map_location cuda without CUDA", lambda t: UniFuse.load(tiny().save(t / "m.pt"), map_location="cuda"), ValueError, ("map_location='cuda'", "no CUDA", "map_location='cpu'")),
+    Case("UniFuse.load: damaged file (flipped bytes)", lambda t: UniFuse.load(damaged(tiny().save(t / "m.pt"))), ValueError, ("m.pt", "damaged", "intact copy")),
     Case("UniFuse.pretrained: unknown name", lambda t: UniFuse.pretrained("no-such-weights"), FileNotFoundError, ("no-such-weights", "available")),
 ]
 DEGRADE = [
@@ -433,6 +449,7 @@ def _fuse_files(tmp):
     nii(tmp, "far.nii.gz", v, far)
     (tmp / "junk.pt").write_bytes(b"half a checkpoint")
     tiny().save(tmp / "m.pt")
+    damaged(tiny().save(tmp / "bad.pt"))
 
 def _fuse(ref, deg, *extra):
     return ["{tmp}/" + ref, "{tmp}/" + deg, "-o", "{tmp}/fused.nii.gz", "--task", "mri", *extra]
@@ -454,6 +471,8 @@ TRAIN = [
     Cli("unifuse-train: --device cuda without CUDA", T.main, ["--out", "{tmp}/r", "--device", "cuda"], ("--device cuda", "no CUDA", "--device cpu"), skip=_cuda_here),
     Cli("unifuse-train: a reader without --root", T.main, ["--out", "{tmp}/r", "--dataset", "brats2020"], ("--root", "folder", "brats2020")),
     Cli("unifuse-train: --init missing", T.main, ["--out", "{tmp}/r", "--init", "{tmp}/none.pt"], ("--init", "none.pt", "no such file")),
+    Cli("unifuse-train: --init damaged", T.main, ["--out", "{tmp}/r", "--init", "{tmp}/bad.pt"], ("bad.pt", "damaged"),
+        lambda t: damaged(tiny().save(t / "bad.pt"))),
 ]
 FUSE = [
     Cli("unifuse-fuse: REF missing", F.main, _fuse("none.nii.gz", "deg.nii.gz", "--checkpoint", "{tmp}/m.pt"), ("none.nii.gz", "no such file"), _fuse_files),
@@ -465,9 +484,13 @@ FUSE = [
     Cli("unifuse-fuse: unknown task", F.main, ["{tmp}/ref.nii.gz", "{tmp}/deg.nii.gz", "-o", "{tmp}/f.nii.gz", "--task", "xray"], ("--task", "invalid choice")),
     Cli("unifuse-fuse: checkpoint missing", F.main, _fuse("ref.nii.gz", "deg.nii.gz", "--checkpoint", "{tmp}/none.pt"), ("checkpoint", "none.pt", "no such file")),
     Cli("unifuse-fuse: checkpoint corrupt", F.main, _fuse("ref.nii.gz", "deg.nii.gz", "--checkpoint", "{tmp}/junk.pt"), ("junk.pt", "not a readable checkpoint")),
+    Cli("unifuse-fuse: checkpoint damaged", F.main, _fuse("ref.nii.gz", "deg.nii.gz", "--checkpoint", "{tmp}/bad.pt"), ("bad.pt", "damaged")),
+    Cli("unifuse-fuse: a CSV row whose output is another row's input", F.main, ["--csv", "{tmp}/pairs.csv", "--out-dir", "{tmp}", "--task", "mri", "--checkpoint", "{tmp}/m.pt"],
+        ("b_fused.nii.gz", "input of this batch"), lambda t: (_fuse_files(t), nii(t, "b_fused.nii.gz", vol(16)),
+        csv_file(t, "id,reference,other\na,ref.nii.gz,b_fused.nii.gz\nb,ref.nii.gz,deg.nii.gz\n"))),
     Cli("unifuse-fuse: no -o", F.main, ["{tmp}/ref.nii.gz", "{tmp}/deg.nii.gz", "--task", "mri"], ("-o FUSED", "to write")),
 ]
-for _row in FUSE: _row.setup = _fuse_files                            # every row starts from the same files
+for _row in FUSE: _row.setup = _row.setup or _fuse_files            # every row starts from the same files
 
 ROWS = DATA + SPATIAL + METRICS + EVALUATE + EVAL_CLI + MODEL + DEGRADE + TRAIN + FUSE
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError)

@@ -519,10 +519,23 @@ def _nifti_array(arr:np.ndarray) -> np.ndarray:
         raise TypeError(f"vol: expected real numbers (bool, int or float), got dtype {arr.dtype}")
     return arr
 
+def _check_finite(arr:np.ndarray):
+    "Refuse values that a NIfTI float32 file cannot hold faithfully (and that `load_nifti` would refuse)."
+    if arr.dtype.kind != "f": return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(f"vol: {int(bad.sum()):,} voxels are NaN or infinite; `load_nifti` refuses such files, so nothing "
+                         f"was written: replace them first (e.g. np.nan_to_num), or pass check_finite=False")
+    big = float(np.abs(arr).max()) if arr.size else 0.0
+    if arr.dtype.itemsize > 4 and big > float(np.finfo(np.float32).max):
+        raise ValueError(f"vol: values up to {big:.3g} exceed float32's range (±{np.finfo(np.float32).max:.3g}), the type "
+                         f"NIfTI files are written in; nothing was written: rescale the volume first")
+
 def save_nifti(path, # where to write (.nii or .nii.gz); written atomically: a whole new file or the old one
                vol, # (D, H, W) or (1, D, H, W) tensor or array (bool, int, long, float16/32/64, bfloat16)
                affine, # (4, 4) voxel -> world; a torch tensor works too
                header=None, # a NIfTI header to keep (e.g. from `load_nifti`); None: a fresh one
+               check_finite:bool=True, # refuse NaN, infinite values and float64 beyond float32's range (nothing is written)
               ) -> Path:
     "Write `vol` with its affine (and header fields) as NIfTI; returns the path."
     path = Path(path)
@@ -533,6 +546,7 @@ def save_nifti(path, # where to write (.nii or .nii.gz); written atomically: a w
     if arr.ndim == 4 and arr.shape[0] == 1: arr = arr[0]
     if arr.ndim != 3: raise ValueError(f"vol: expected (D, H, W) or (1, D, H, W), got shape {tuple(arr.shape)}")
     affine = _check_affine(affine, "affine")
+    if check_finite: _check_finite(arr)
     arr = _nifti_array(arr)
     hdr = None
     if header is not None:

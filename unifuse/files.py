@@ -6,11 +6,11 @@ Docs: https://unifuse.github.io/unifuse/files.html.md"""
 
 # %% ../nbs/00a_files.ipynb #c443b17c
 from __future__ import annotations
-import contextlib, json, os, tempfile
+import contextlib, json, os, stat, tempfile, zipfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_path', 'write_text', 'write_bytes', 'write_json']
+__all__ = ['atomic_path', 'write_text', 'write_bytes', 'write_json', 'check_archive']
 
 # %% ../nbs/00a_files.ipynb #ab660079
 def _umask_mode() -> int:
@@ -30,9 +30,10 @@ def atomic_path(path, # the file to (re)write; its folder is created when missin
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + _suffix(path))
     os.close(fd)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else _umask_mode()   # a replaced file keeps its mode
     try:
         yield Path(tmp)
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.unlink(tmp)
@@ -51,3 +52,18 @@ def write_bytes(path, data:bytes) -> Path:
 def write_json(path, obj, indent:int=2) -> Path:
     "Write `obj` as JSON to `path` atomically."
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+# %% ../nbs/00a_files.ipynb #773ee315
+def check_archive(path, # a zip archive (e.g. a file of `torch.save`)
+                  what:str="checkpoint", # what the file is, for the message
+                 ):
+    "Raise `ValueError` when a member of the archive at `path` does not match its stored CRC-32 (or it is no archive)."
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z: bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable {what} ({type(e).__name__}: {e}); the file is truncated or damaged: "
+                         f"use an intact copy") from None
+    if bad is not None:
+        raise ValueError(f"{path} is damaged: the stored checksum of its part {bad.split('/', 1)[-1]!r} does not match "
+                         f"its bytes (a bad copy or disk?); use an intact copy of the {what}")

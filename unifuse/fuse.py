@@ -649,7 +649,8 @@ def read_pairs(csv_path, # a CSV with a header row: reference (or ref), other, o
     for k, row in enumerate(rows, start=2):
         r = {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header)}
         rid = r.get("id") or f"row{k - 1}"
-        item = dict(id=re.sub(r"[^\w.-]+", "_", rid), reference=r[ref_col], other=r["other"], task=r.get("task") or task,
+        sid = re.sub(r"[^\w.-]+", "_", rid).lstrip("._") or f"row{k - 1}"   # a file name in out_dir: no folders, not hidden
+        item = dict(id=sid, reference=r[ref_col], other=r["other"], task=r.get("task") or task,
                     line=k, error=None)
         if item["id"] in ids: item["error"] = f"line {k}: id {rid!r} appears twice; its outputs would overwrite each other"
         elif not item["reference"] or not item["other"]: item["error"] = f"line {k}: empty '{ref_col}' or 'other' path"
@@ -681,6 +682,21 @@ def _one_line(e:BaseException) -> str:
     if isinstance(e, KeyError) or not msg: msg = f"{type(e).__name__}: {msg}".rstrip(": ")
     return msg
 
+def _check_collisions(outputs:list, # (row id, output path) of every file the batch would write
+                      inputs:list, # every file the batch reads
+                     ):
+    "Refuse, before anything runs, a batch in which an output would replace an input or another row's output."
+    key = lambda x: os.path.realpath(os.path.abspath(str(x)))
+    ins, seen = {key(x): x for x in inputs}, {}
+    for rid, o in outputs:
+        k = key(o)
+        if k in ins:
+            raise ValueError(f"row {rid!r} would write {o}, which is an input of this batch ({ins[k]}); nothing was fused: "
+                             f"change that row's id or move the input out of the output folder")
+        if k in seen:
+            raise ValueError(f"rows {seen[k]!r} and {rid!r} would both write {o}; nothing was fused: give the rows different ids")
+        seen[k] = rid
+
 def fuse_csv(csv_path, # the pairs CSV (see `read_pairs`)
              out_dir, # folder for <id>_fused.nii.gz (… _flow, _aligned) and summary.csv
              task:str|None=None, # the task of rows without one
@@ -696,6 +712,9 @@ def fuse_csv(csv_path, # the pairs CSV (see `read_pairs`)
     if out_dir.exists() and not out_dir.is_dir(): raise ValueError(f"out_dir {str(out_dir)!r}: is a file; expected a folder")
     if task is not None and task not in TASKS: raise ValueError(f"task={task!r}: expected one of {tuple(TASKS)}")
     rows = read_pairs(csv_path, task)
+    outs = lambda r: [out_dir / f"{r['id']}_{k}.nii.gz" for k, on in (("fused", True), ("flow", flow), ("aligned", aligned)) if on]
+    _check_collisions([(r["id"], o) for r in rows if r["error"] is None for o in outs(r)] + [("summary", out_dir / "summary.csv")],
+                      [x for r in rows for x in (r["reference"], r["other"]) if x] + [csv_path])
     if model is None: model = load_model(checkpoint, device)
     done = []
     bar = tqdm(rows, desc="unifuse-fuse", unit="pair", disable=not progress)

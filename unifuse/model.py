@@ -15,7 +15,7 @@ from torch import Tensor
 from fastcore.basics import patch
 import unifuse
 from .config import UniFuseConfig
-from .files import atomic_path
+from .files import atomic_path, check_archive
 from .spatial import warp, resize_flow
 from .dapl import DAPL, to_volume
 from .oufr import OUFR, moda_loss, l_cont, shifted_crops, correspondence
@@ -288,6 +288,7 @@ def load(cls:UniFuse, path, # a file written by `UniFuse.save`
     if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"UniFuse.load: map_location={str(map_location)!r} but this machine has no CUDA GPU; "
                          f"load with map_location='cpu'")
+    check_archive(path)                                                     # flipped bytes: refused, not loaded
     try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"UniFuse.load: {path} is not a readable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from fastcore.basics import patch
 from .config import UniFuseConfig, LOSS_TERMS
 from .model import UniFuse
-from .files import atomic_path, write_bytes, write_json, write_text
+from .files import atomic_path, write_bytes, write_json, write_text, check_archive
 from .degrade import DEFAULT_RANGES, Ranges, make_batch
 from .colour import luma
 from . import data as udata
@@ -628,6 +628,7 @@ def load_training_checkpoint(path, # a checkpoint.pt / best.pt written by unifus
     "Read a training checkpoint (weights_only) and check that it is one; clear errors otherwise."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no training checkpoint at {path}")
+    check_archive(path)
     try: ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
