@@ -20,6 +20,9 @@ from __future__ import annotations
 import argparse, json, shlex, subprocess, sys, time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from unifuse.launch import configure
+configure()                                   # before torch loads: fewer threads when other processes keep cores busy
 import nibabel as nib
 import numpy as np
 import torch

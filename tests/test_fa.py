@@ -141,13 +141,12 @@ def test_max_level():
 
 
 def test_cosine_attention_matches_its_definition_and_learns_its_temperature():
-    "fa_attention='cosine' (default): unit-length q, k times a learned per-head scale (10 at the start); 'dot' keeps q·k/√e."
+    "fa_attention='cosine': unit-length q, k times a learned per-head scale (10 at the start); 'dot' (default) keeps q·k/√e."
     import math
     import torch.nn.functional as F
-    cfg = UniFuseConfig.tiny()
-    fa_c, fa_d = FA(cfg), FA(UniFuseConfig.tiny(fa_attention="dot"))
-    assert UniFuseConfig.tiny().fa_attention == "cosine" and UniFuseConfig().fa_attention == "cosine"   # cosine by default
-    assert UniFuseConfig.from_dict({"fa_channels": 16}).fa_attention == "dot"   # a config written before the option: the plain form
+    cfg = UniFuseConfig.tiny(fa_attention="cosine")
+    fa_c, fa_d = FA(cfg), FA(UniFuseConfig.tiny())
+    assert UniFuseConfig.tiny().fa_attention == "dot" and UniFuseConfig().fa_attention == "dot"   # the plain form by default
     assert all(torch.allclose(b.logit_scale, torch.full((cfg.fa_heads,), math.log(10.0))) for b in fa_c.blocks)
     assert all(b.logit_scale is None for b in fa_d.blocks)
     # one window of 2³ tokens, two heads: the attended values by hand

@@ -51,7 +51,7 @@ class UniFuseConfig:
     fa_channels:int=44         # width inside FA's RegBLKs
     fa_heads:int=2             # attention heads of FA's windowed cross-attention (divides fa_channels)
     fa_window:int=4            # side of FA's attention windows, in tokens of each RegBLK's grid
-    fa_attention:str="cosine"  # FA's attention logits: "cosine" (s·q̂·k̂, s learned per head, 10 at the start) or "dot" (q·k/√e)
+    fa_attention:str="dot"     # FA's attention logits: "dot" (q·k/√e) or "cosine" (s·q̂·k̂, s learned per head, 10 at the start)
     fa_window_kind:str="centred"  # FA's attention neighbourhoods: "centred" on each query (side 2·fa_radius+1) or fixed "blocks" of fa_window
     fa_radius:int=2            # "centred": each query sees keys up to this many tokens away along each axis
     fa_direct:bool=True        # φ at 1/Q = the RegBLKs' attention displacements (weighted, finest first at 1) + the head's correction

@@ -6,22 +6,52 @@ Docs: https://unifuse.github.io/unifuse/launch.html.md"""
 
 # %% ../nbs/06_launch.ipynb #76b9510d
 from __future__ import annotations
-import os, sys
+import os, sys, time
 
 # %% auto #0
-__all__ = ['SPIN', 'configure', 'train', 'fuse', 'evaluate']
+__all__ = ['LoadMeter', 'threads_for', 'configure', 'train', 'fuse', 'evaluate']
 
 # %% ../nbs/06_launch.ipynb #6a468038
-SPIN = "10000"  # GOMP_SPINCOUNT: iterations an idle OpenMP thread spins before it sleeps (GNU's default: 300,000)
+def _cpu_times() -> tuple:
+    "(busy jiffies of the whole machine, of this process, elapsed jiffies summed over CPUs) from /proc."
+    with open("/proc/stat") as f: v = [int(x) for x in f.readline().split()[1:]]
+    with open("/proc/self/stat") as f: s = f.read().rsplit(")", 1)[1].split()
+    return sum(v) - v[3] - v[4], int(s[11]) + int(s[12]), sum(v)     # idle and iowait are not busy
+
+class LoadMeter:
+    "How many cores other processes keep busy, between two readings (Linux /proc; elsewhere always 0)."
+    def __init__(self): self.last = self._read()
+    @staticmethod
+    def _read():
+        try: return _cpu_times()
+        except (OSError, ValueError, IndexError): return None
+    def others(self) -> float:
+        "Cores used by other processes since the last call (or since the meter was made)."
+        now, last = self._read(), self.last
+        self.last = now
+        if now is None or last is None or now[2] <= last[2]: return 0.0
+        busy, own, total = (a - b for a, b in zip(now, last))
+        return max(0.0, (busy - own) / total * (os.cpu_count() or 1))
+
+def threads_for(others:float, # cores other processes keep busy
+                cores:int|None=None, # the machine's cores (default os.cpu_count())
+               ) -> int: # PyTorch threads to use
+    "All cores on an idle machine; one fewer thread per core another process keeps busy (at least one)."
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - int(others + 0.5))
 
 def configure(env:dict|None=None, # the environment to change (default: os.environ)
-             ) -> dict: # what was set, {name: value}; empty when the user chose a policy or PyTorch is already loaded
-    "Choose OpenMP's wait policy for a tool run: short spinning, unless the environment already says otherwise."
+              sample:float=0.3, # seconds to watch the machine's load before choosing
+             ) -> dict: # what was set, {name: value}; empty when the user chose or PyTorch is already loaded
+    "Threads for a tool run: fewer when other processes keep cores busy; the user's OMP_NUM_THREADS wins."
     env = os.environ if env is None else env
     if "torch" in sys.modules and env is os.environ: return {}           # too late: the runtime has read its settings
-    if any(k in env for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")): return {}   # the user's choice wins
-    env["GOMP_SPINCOUNT"] = SPIN
-    return {"GOMP_SPINCOUNT": SPIN}
+    if "OMP_NUM_THREADS" in env: return {}                               # the user's choice wins
+    m = LoadMeter(); time.sleep(sample)
+    n = threads_for(m.others())
+    if n >= (os.cpu_count() or 1): return {}                             # idle: PyTorch's own default
+    env["OMP_NUM_THREADS"] = str(n)
+    return {"OMP_NUM_THREADS": str(n)}
 
 # %% ../nbs/06_launch.ipynb #0d9afb4a
 def _run(module:str, argv=None) -> int:
@@ -30,7 +60,8 @@ def _run(module:str, argv=None) -> int:
     return importlib.import_module(module).main(argv)
 
 def train(argv=None) -> int:
-    "`unifuse-train`"
+    "`unifuse-train`: its thread count also follows the load during the run (unless the user set OMP_NUM_THREADS)."
+    os.environ.setdefault("UNIFUSE_ADAPT_THREADS", "0" if "OMP_NUM_THREADS" in os.environ else "1")
     return _run("unifuse.train", argv)
 
 def fuse(argv=None) -> int:

@@ -19,6 +19,7 @@ from fastcore.basics import patch
 from .config import UniFuseConfig, LOSS_TERMS
 from .model import UniFuse
 from .files import atomic_path, write_bytes, write_json, write_text, check_archive
+from .launch import LoadMeter, threads_for
 from .degrade import DEFAULT_RANGES, Ranges, make_batch
 from .colour import luma
 from . import data as udata
@@ -1114,9 +1115,16 @@ def run(self:Trainer) -> Trainer:
     bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True,
                desc="train", smoothing=0.1,                       # steps/s (not inverted) and the time left
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+    adapt = os.environ.get("UNIFUSE_ADAPT_THREADS") == "1" and self.device.type == "cpu" and self.world == 1
+    meter = LoadMeter() if adapt else None                        # the tools (unifuse.launch): threads follow the load
     try:
         while self.step < cfg.steps:
             o = self.train_step()
+            if meter is not None and self.step % 5 == 0:
+                n = threads_for(meter.others())
+                if n != torch.get_num_threads():
+                    torch.set_num_threads(n)
+                    self._say(f"other processes are using the CPU: {n} thread(s) from step {self.step}")
             w = self._window
             w["lr"] = o["lr"]
             w["step_s"] += o["step_s"]; w["data_s"] += o["data_s"]
