@@ -395,6 +395,8 @@ MODEL = [
     Case("UniFuse: ref without batch and channel axes", lambda t: tiny()(t5()[0, 0], t5()[0, 0]), ValueError, ("ref", r"\(B, 1, D, H, W\)", r"x\[None, None\]")),
     Case("UniFuse: RGB deg for a grey model", lambda t: tiny()(t5(), t5(c=3)), ValueError, ("deg", r"\(B, 1, D, H, W\)", "colour=True")),
     Case("UniFuse: empty batch", lambda t: tiny()(t5(b=0), t5(b=0)), ValueError, ("ref", "empty batch")),
+    Case("UniFuse: an empty grid", lambda t: tiny()(torch.rand(1, 1, 0, 8, 8), torch.rand(1, 1, 0, 8, 8)), ValueError, ("ref", "empty grid", "at least one voxel")),
+    Case("UniFuse.load: map_location 'gpu'", lambda t: UniFuse.load(tiny().save(t / "m.pt"), map_location="gpu"), ValueError, ("map_location='gpu'", "'cpu', 'cuda'")),
     Case("UniFuse: grids differ", lambda t: tiny()(t5(n=8), t5(n=12)), ValueError, ("same batch size and grid", "resample")),
     Case("UniFuse: NaN voxel", lambda t: tiny()(t5(), with_nan(t5(), (0, 0, 1, 2, 3))), ValueError, ("deg", "NaN")),
     Case("UniFuse: integer volume", lambda t: tiny()(t5().to(torch.uint8), t5().to(torch.uint8)), TypeError, ("ref", "floating")),
@@ -470,6 +472,7 @@ TRAIN = [
     Cli("unifuse-train: --lr negative", T.main, ["--out", "{tmp}/r", "--lr", "-1"], ("--lr", "> 0")),
     Cli("unifuse-train: --device cuda without CUDA", T.main, ["--out", "{tmp}/r", "--device", "cuda"], ("--device cuda", "no CUDA", "--device cpu"), skip=_cuda_here),
     Cli("unifuse-train: a reader without --root", T.main, ["--out", "{tmp}/r", "--dataset", "brats2020"], ("--root", "folder", "brats2020")),
+    Cli("unifuse-train: --device tpu", T.main, ["--out", "{tmp}/r", "--device", "tpu"], ("--device tpu", "expected auto, cpu, cuda")),
     Cli("unifuse-train: --init missing", T.main, ["--out", "{tmp}/r", "--init", "{tmp}/none.pt"], ("--init", "none.pt", "no such file")),
     Cli("unifuse-train: --init damaged", T.main, ["--out", "{tmp}/r", "--init", "{tmp}/bad.pt"], ("bad.pt", "damaged"),
         lambda t: damaged(tiny().save(t / "bad.pt"))),
@@ -542,3 +545,15 @@ def test_cli(row, tmp_path, monkeypatch, capsys):
     _check_message(lines[0], row.match)
     after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert after == before, f"left behind: {sorted(set(after) - set(before))}"
+
+
+def test_eval_interrupted(tmp_path, monkeypatch, capsys):
+    "Ctrl-C in unifuse-eval: one line, status 130, nothing written (as unifuse-fuse and unifuse-train)."
+    monkeypatch.chdir(tmp_path)
+    def stop(*a, **k): raise KeyboardInterrupt
+    monkeypatch.setattr(E, "evaluate", stop)
+    code = E.main(["--n", "1", "--size", "41", "--tasks", "mri", "--out", str(tmp_path / "ev"), "--quiet"])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 130 and len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "ev").exists()

@@ -567,7 +567,13 @@ def _publish(tmp:Path, out:Path, overwrite:bool):
 
 # %% ../nbs/65_evaluate.ipynb #3b888ed0
 def main(argv=None) -> int:
-    "Command line entry point of `unifuse-eval`."
+    "Command line entry point of `unifuse-eval`: Ctrl-C ends it with one line and status 130, nothing written."
+    try: return _main(argv)
+    except KeyboardInterrupt:
+        print("unifuse-eval: interrupted; nothing was written (the tables appear only when every case is scored)", file=sys.stderr)
+        return 130
+
+def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     # every check that can fail on the user's input comes before the long work, and nothing is written until the end
     if args.no_baseline and args.checkpoint is None: _fail("--no-baseline needs --checkpoint (nothing to evaluate otherwise)")

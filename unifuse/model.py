@@ -120,6 +120,8 @@ def _check(self:UniFuse, ref, deg):
             raise ValueError(f"UniFuse: `{name}` must have shape (B, {c}, D, H, W), got {tuple(x.shape)}{hint}")
         if x.shape[0] == 0:
             raise ValueError(f"UniFuse: `{name}` is an empty batch {tuple(x.shape)}; pass at least one volume")
+        if 0 in x.shape[2:]:
+            raise ValueError(f"UniFuse: `{name}` has an empty grid {tuple(x.shape)}; every side needs at least one voxel")
         if not x.is_floating_point():
             raise TypeError(f"UniFuse: `{name}` must be a floating tensor with intensities in [0, 1], got {x.dtype}")
     if ref.shape[0] != deg.shape[0] or ref.shape[2:] != deg.shape[2:]:
@@ -284,7 +286,9 @@ def load(cls:UniFuse, path, # a file written by `UniFuse.save`
     "Rebuild a model from `UniFuse.save`'s file (tensors read with `weights_only=True`)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"UniFuse.load: no file at {path}")
-    dev = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+    try: dev = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+    except RuntimeError: raise ValueError(f"UniFuse.load: map_location={map_location!r} is not a device PyTorch knows; "
+                                          f"use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
     if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"UniFuse.load: map_location={str(map_location)!r} but this machine has no CUDA GPU; "
                          f"load with map_location='cpu'")

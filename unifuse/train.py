@@ -771,7 +771,8 @@ def resolve_device(device="auto"):
     "'auto' → cuda (this process's GPU under torchrun) when available, else cpu; refuses cuda without CUDA."
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device in (None, "auto"): device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try: dev = torch.device(device)
+    except RuntimeError: raise ValueError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
