@@ -335,6 +335,8 @@ def _grey_model(tmp):
 def _cuda_here(): return "this machine has CUDA" if torch.cuda.is_available() else None
 
 EVAL_CLI = [
+    Cli("unifuse-eval: a checkpoint with NaN weights", E.main, ["--checkpoint", "{tmp}/nan.pt", "--n", "1"], ("nan.pt", "NaN or infinite weights"),
+        lambda t: _nan_checkpoint(t / "nan.pt")),
     Cli("unifuse-eval: --size 0", E.main, ["--size", "0"], ("--size 0", "at least 17")),
     Cli("unifuse-eval: --size 8", E.main, ["--size", "8"], ("--size 8", "at least 17")),
     Cli("unifuse-eval: --n 0", E.main, ["--n", "0"], ("--n 0", "at least 1")),
@@ -419,6 +421,8 @@ MODEL = [
     Case("UniFuse.load: weights of another config", lambda t: UniFuse.load(saved(t, lambda c: c.update(config=UniFuseConfig.tiny(embed_dim=8).to_dict()))), ValueError, ("m.pt", "do not fit")),
     Case("UniFuse.load: map_location cuda without CUDA", lambda t: UniFuse.load(tiny().save(t / "m.pt"), map_location="cuda"), ValueError, ("map_location='cuda'", "no CUDA", "map_location='cpu'")),
     Case("UniFuse.load: damaged file (flipped bytes)", lambda t: UniFuse.load(damaged(tiny().save(t / "m.pt"))), ValueError, ("m.pt", "damaged", "intact copy")),
+    Case("UniFuse.load: NaN weights (a diverged run)", lambda t: UniFuse.load(saved(t, lambda c: next(v for v in c["state_dict"].values() if v.is_floating_point()).fill_(float("nan")))),
+         ValueError, ("m.pt", "NaN or infinite weights", "earlier checkpoint")),
     Case("UniFuse.pretrained: unknown name", lambda t: UniFuse.pretrained("no-such-weights"), FileNotFoundError, ("no-such-weights", "available")),
 ]
 DEGRADE = [
@@ -453,6 +457,10 @@ def _fuse_files(tmp):
     tiny().save(tmp / "m.pt")
     damaged(tiny().save(tmp / "bad.pt"))
 
+def _nan_checkpoint(path):
+    ck = tiny().checkpoint(); sd = ck["state_dict"] = {k: v.clone() for k, v in ck["state_dict"].items()}   # not the shared model
+    sd["fa.head.2.bias"].fill_(float("nan")); torch.save(ck, path)
+
 def _fuse(ref, deg, *extra):
     return ["{tmp}/" + ref, "{tmp}/" + deg, "-o", "{tmp}/fused.nii.gz", "--task", "mri", *extra]
 
@@ -472,6 +480,8 @@ TRAIN = [
     Cli("unifuse-train: --lr negative", T.main, ["--out", "{tmp}/r", "--lr", "-1"], ("--lr", "> 0")),
     Cli("unifuse-train: --device cuda without CUDA", T.main, ["--out", "{tmp}/r", "--device", "cuda"], ("--device cuda", "no CUDA", "--device cpu"), skip=_cuda_here),
     Cli("unifuse-train: a reader without --root", T.main, ["--out", "{tmp}/r", "--dataset", "brats2020"], ("--root", "folder", "brats2020")),
+    Cli("unifuse-train: --init with NaN weights (no config.json left behind)", T.main, ["--out", "{tmp}/r", "--init", "{tmp}/nan.pt"], ("nan.pt", "NaN or infinite weights"),
+        lambda t: _nan_checkpoint(t / "nan.pt")),
     Cli("unifuse-train: --device tpu", T.main, ["--out", "{tmp}/r", "--device", "tpu"], ("--device tpu", "expected auto, cpu, cuda")),
     Cli("unifuse-train: --init missing", T.main, ["--out", "{tmp}/r", "--init", "{tmp}/none.pt"], ("--init", "none.pt", "no such file")),
     Cli("unifuse-train: --init damaged", T.main, ["--out", "{tmp}/r", "--init", "{tmp}/bad.pt"], ("bad.pt", "damaged"),

@@ -24,8 +24,8 @@ DHAT_MODES = ("deg", "joint")
 MODA_PAIRS = ("shifted", "grid")
 # What a checkpoint written before a field existed was built with: `from_dict` fills a missing field from here, so
 # older weights rebuild the network they were trained as (new configs get the dataclass defaults).
-LEGACY = dict(dhat="joint", moda_pairs="grid", fa_window_kind="blocks", fa_direct=False, fa_head_init=0.0, dapl_window=0,
-              fa_feature_grad=1.0, fa_attention="dot")
+LEGACY = dict(dhat="joint", moda_pairs="grid", fa_window_kind="blocks", fa_direct=False, fa_head_init=0.0,
+              fa_feature_grad=1.0, fa_attention="dot")   # not dapl_window: it has no weights, and windows of the training crop help older weights too
 LOSS_TERMS = ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb")
 
 def _default_weights(): return {k: 1.0 for k in LOSS_TERMS}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .colour import luma
-from .files import atomic_path, write_json, write_text
+from .files import atomic_path, write_json, write_text, sweep
 from .metrics import (fusion_metrics, alignment_metrics, dice, folding_fraction, warp_labels,
                              invert_flow, count_flops, count_params)
 from .spatial import warp
@@ -622,7 +622,8 @@ def _main(argv=None) -> int:
     tmp = None
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}.partial-"))
+        sweep(args.out, "partial")                                               # what a killed earlier run left behind
+        tmp = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}.{os.getpid()}.partial-"))
         mask = os.umask(0); os.umask(mask); os.chmod(tmp, 0o777 & ~mask)         # a folder as mkdir makes it
         files = write_evaluation(res, tmp, meta)
         _publish(tmp, args.out, args.overwrite); tmp = None

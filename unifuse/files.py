@@ -6,11 +6,11 @@ Docs: https://unifuse.github.io/unifuse/files.html.md"""
 
 # %% ../nbs/00a_files.ipynb #c443b17c
 from __future__ import annotations
-import contextlib, json, os, stat, tempfile, zipfile
+import contextlib, glob, json, os, shutil, stat, tempfile, zipfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_path', 'write_text', 'write_bytes', 'write_json', 'check_archive']
+__all__ = ['sweep', 'atomic_path', 'write_text', 'write_bytes', 'write_json', 'check_archive']
 
 # %% ../nbs/00a_files.ipynb #ab660079
 def _umask_mode() -> int:
@@ -22,13 +22,33 @@ def _suffix(path:Path) -> str:
     "The full suffix of `path` (`.nii.gz`, not `.gz`)."
     return "".join(path.suffixes[-2:]) if path.name.endswith((".nii.gz", ".tar.gz")) else path.suffix
 
+def _alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def sweep(path, # a file that `atomic_path` writes
+          kind:str="tmp", # what the leftovers are called: "tmp" (files of atomic_path) or e.g. "partial" (folders)
+         ) -> list: # what was removed
+    "Remove the temporary files (or folders) that a killed writer of `path` left beside it: those whose process is gone."
+    path, out = Path(path), []
+    pre = f".{path.name}."
+    for q in path.parent.glob(glob.escape(pre) + f"*.{kind}*"):
+        pid = q.name[len(pre):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try: shutil.rmtree(q) if q.is_dir() else q.unlink(); out.append(q)
+            except OSError: pass
+    return out
+
 @contextlib.contextmanager
 def atomic_path(path, # the file to (re)write; its folder is created when missing
                ):
     "Yield a temporary path beside `path`; when the block ends without error it replaces `path` in one step."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + _suffix(path))
+    sweep(path)                                                          # what a killed earlier writer left behind
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + _suffix(path))
     os.close(fd)
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else _umask_mode()   # a replaced file keeps its mode
     try:

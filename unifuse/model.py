@@ -309,6 +309,10 @@ def load(cls:UniFuse, path, # a file written by `UniFuse.save`
     if missing:
         raise ValueError(f"UniFuse.load: {path} has no {' and no '.join(missing)} (a UniFuse checkpoint holds both); "
                          f"the file was not written by UniFuse.save")
+    bad = [k for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"UniFuse.load: {path} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}): a diverged "
+                         f"run? Use an earlier checkpoint (best.pt) of that run")
     model = cls(UniFuseConfig.from_dict(ckpt["config"]))
     try: model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
