@@ -178,8 +178,8 @@ def l_ce(logits:Tensor, # (B, Ñ) classifier logits
     return F.cross_entropy(logits, label)
 
 # %% ../nbs/10_dapl.ipynb #a00853d8
-def _starts(n:int, w:int) -> list:
-    "Start of each of ceil(n / w) equal windows of side ≤ w that cover 0…n−1 (overlapping evenly where needed)."
+def _starts(n:int, w:int) -> tuple:
+    "The starts of ceil(n / w) equal windows of side ≤ w that cover 0…n−1 (overlapping evenly where needed), and that side."
     k = math.ceil(n / w); side = math.ceil(n / k)
     return [round(i * (n - side) / max(k - 1, 1)) for i in range(k)], side
 

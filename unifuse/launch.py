@@ -1,4 +1,4 @@
-"""The command-line tools start here: OpenMP's wait policy and the CPU threads are chosen before PyTorch loads.
+"""The command-line tools start here: their CPU threads are chosen from the machine's load before PyTorch loads.
 
 Docs: https://unifuse.github.io/unifuse/launch.html.md"""
 
@@ -50,8 +50,9 @@ def configure(env:dict|None=None, # the environment to change (default: os.envir
     m = LoadMeter(); time.sleep(sample)
     n = threads_for(m.others())
     if n >= (os.cpu_count() or 1): return {}                             # idle: PyTorch's own default
-    env["OMP_NUM_THREADS"] = str(n)
-    return {"OMP_NUM_THREADS": str(n)}
+    set_ = {"OMP_NUM_THREADS": str(n), "UNIFUSE_IDLE_THREADS": str(os.cpu_count() or 1)}   # the trainer goes back up to it
+    env.update(set_)
+    return set_
 
 # %% ../nbs/06_launch.ipynb #0d9afb4a
 def _run(module:str, argv=None) -> int:

@@ -17,7 +17,7 @@ import unifuse
 from .config import UniFuseConfig
 from .files import atomic_path, check_archive
 from .spatial import warp, resize_flow
-from .dapl import DAPL, to_volume
+from .dapl import DAPL, to_volume, to_tokens
 from .oufr import OUFR, moda_loss, l_cont, shifted_crops, correspondence
 from .fa import FA, reg_loss
 from .ufrf import UFRF, fusion_losses
@@ -71,13 +71,17 @@ class UniFuse(nn.Module):
         n = {k: sum(p.numel() for p in getattr(self, k).parameters()) for k in ("dapl", "oufr", "fa", "ufrf")}
         return {**n, "total": sum(p.numel() for p in self.parameters())}
 
+    def _unified(self, ref:Tensor, deg:Tensor, update:bool|None=None) -> tuple:
+        "DAPL and OUFR on padded inputs: DAPL's outputs and F̄'_D, F̄_R as (B, M, D/Q, H/Q, W/Q) volumes."
+        grid = tuple(s // self.cfg.patch for s in ref.shape[2:])            # (D/Q, H/Q, W/Q)
+        d = self.dapl(luma(deg), ref, update=update)                        # F'_D, F_R, F̂'_D, h, p, P̂ (grey: Y of colour input)
+        fbar_d, fbar_r = self.oufr(d["feat_d_hat"], d["feat_r"], d["states"])  # F̄'_D, F̄_R (B, N, M)
+        return d, to_volume(fbar_d, grid), to_volume(fbar_r, grid)
+
     def _run(self, ref:Tensor, deg:Tensor) -> dict:
         "Everything of one forward pass on already padded inputs (sides multiples of `self.multiple`)."
         size = tuple(ref.shape[2:])
-        grid = tuple(s // self.cfg.patch for s in size)                     # (D/Q, H/Q, W/Q)
-        d = self.dapl(luma(deg), ref)                                       # F'_D, F_R, F̂'_D, h, p, P̂ (grey: Y of colour input)
-        fbar_d, fbar_r = self.oufr(d["feat_d_hat"], d["feat_r"], d["states"])  # F̄'_D, F̄_R (B, N, M)
-        vd, vr = to_volume(fbar_d, grid), to_volume(fbar_r, grid)           # (B, M, D/Q, H/Q, W/Q)
+        d, vd, vr = self._unified(ref, deg)                                 # (B, M, D/Q, H/Q, W/Q) each
         s = self.cfg.fa_feature_grad                                        # how much of L_reg reaches DAPL and OUFR
         g = (lambda x: x) if s == 1 else (lambda x: x.detach() if s == 0 else x.detach() + s * (x - x.detach()))
         flow, flow_c = self.fa(g(vd), g(vr), d["prompt"], size, return_coarse=True)  # φ (B, 3, D, H, W), φ↓
@@ -86,7 +90,7 @@ class UniFuse(nn.Module):
         fused = self.ufrf(warp(d["feat_d"], flow), d["feat_r"],             # W(F'_D, φ), F_R
                           warp(vd, flow_c), vr, d["prompt"], d["probs"], chroma)   # W(F̄'_D, φ↓), F̄_R
         return dict(fused=fused, flow=flow, warped=warped, probs=d["probs"],
-                    dapl=d, fbar_d=fbar_d, fbar_r=fbar_r)
+                    dapl=d, fbar_d=to_tokens(vd), fbar_r=to_tokens(vr))
 
     def forward(self, ref:Tensor, # I_R: (B, 1, D, H, W) clean reference in [0, 1]
                 deg:Tensor, # I'_D: (B, 1, D, H, W) degraded, misaligned volume in [0, 1]; RGB (B, 3, …) for a colour model
@@ -231,10 +235,7 @@ def features(self:UniFuse, ref:Tensor, # I_R (B, 1, D, H, W)
     self._check(ref, deg)
     dtype = next(self.parameters()).dtype
     rp, dp = (pad_to_multiple(x.to(dtype), self.multiple)[0] for x in (ref, deg))
-    grid = tuple(s // self.cfg.patch for s in rp.shape[2:])
-    d = self.dapl(luma(dp), rp, update=False)
-    fd, fr = self.oufr(d["feat_d_hat"], d["feat_r"], d["states"])
-    return to_volume(fd, grid), to_volume(fr, grid)
+    return self._unified(rp, dp, update=False)[1:]
 
 @patch
 def feature_probe(self:UniFuse, ref:Tensor, # I_R (B, 1, D, H, W)

@@ -234,7 +234,8 @@ def l_cont(F1:Tensor, # (B, N, M) anchors f_i
     if n2 < 2: raise ValueError(f"l_cont: needs N >= 2 tokens to draw negatives from, got N={n2}")
     if pos is None: pos = torch.arange(n, device=F2.device).expand(b, n)
     f1, f2 = F.normalize(F1, dim=-1), F.normalize(F2, dim=-1)
-    sim_pos = (f1 * torch.gather(f2, 1, pos[..., None].expand(-1, -1, f2.shape[-1]))).sum(-1, keepdim=True)   # (B, N, 1)
+    sim = lambda idx: (f1 * torch.gather(f2, 1, idx[..., None].expand(-1, -1, f2.shape[-1]))).sum(-1, keepdim=True)   # (B, N, 1)
+    sim_pos = sim(pos)                                               # sim(f_i, f_i⁺)
     k = min(K, n2 - 1)
     cand = torch.rand(b, n2, device=F2.device, generator=generator).argsort(-1)[:, :k + 1]   # (B, K+1)
     neg = f1 @ torch.gather(f2, 1, cand[..., None].expand(-1, -1, f2.shape[-1])).transpose(1, 2)   # (B, N, K+1)
@@ -242,8 +243,7 @@ def l_cont(F1:Tensor, # (B, N, M) anchors f_i
     surplus = ~own.any(-1, keepdim=True) & (torch.arange(k + 1, device=F2.device) == k)   # drop the extra one
     neg = neg.masked_fill(own | surplus, float("-inf"))
     if hard is not None:                                             # e.g. the token at the anchor's own cell
-        sim_hard = (f1 * torch.gather(f2, 1, hard[..., None].expand(-1, -1, f2.shape[-1]))).sum(-1, keepdim=True)
-        neg = torch.cat([neg, sim_hard.masked_fill((hard == pos)[..., None], float("-inf"))], -1)
+        neg = torch.cat([neg, sim(hard).masked_fill((hard == pos)[..., None], float("-inf"))], -1)
     logits = torch.cat([sim_pos, neg], -1) / tau                     # (B, N, 1+K+1(+1))
     loss = -logits.log_softmax(-1)[..., 0]                           # (B, N)
     if mask is None: return loss.mean()
@@ -289,6 +289,6 @@ def correspondence(grid:tuple, # (d, h, w) token grid of both crops
     u = idx - shift[:, None, :]                                      # (B, N, 3) in the r crop
     ok = lambda x: ((x >= border) & (x < g - border)).all(-1)
     mask = ok(idx) & ok(u)
-    u = torch.minimum(torch.maximum(u, torch.zeros_like(u)), g - 1)  # clamped where not counted
+    u = u.clamp(torch.zeros_like(g), g - 1)                          # clamped where not counted
     pos = (u[..., 0] * grid[1] + u[..., 1]) * grid[2] + u[..., 2]
     return pos, mask

@@ -1118,11 +1118,12 @@ def run(self:Trainer) -> Trainer:
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
     adapt = os.environ.get("UNIFUSE_ADAPT_THREADS") == "1" and self.device.type == "cpu" and self.world == 1
     meter = LoadMeter() if adapt else None                        # the tools (unifuse.launch): threads follow the load
+    base = int(os.environ.get("UNIFUSE_IDLE_THREADS", torch.get_num_threads()))   # what this process uses on an idle machine
     try:
         while self.step < cfg.steps:
             o = self.train_step()
             if meter is not None and self.step % 5 == 0:
-                n = threads_for(meter.others())
+                n = threads_for(meter.others(), base)
                 if n != torch.get_num_threads():
                     torch.set_num_threads(n)
                     self._say(f"other processes are using the CPU: {n} thread(s) from step {self.step}")
