@@ -332,6 +332,7 @@ def _header_only(tmp): (tmp / "pairs.csv").write_text("reference,other,task\n")
 def _grey_model(tmp):
     from unifuse.model import UniFuse, UniFuseConfig
     UniFuse(UniFuseConfig.tiny()).save(tmp / "grey.pt")
+def _root_here(): return "root writes to read-only folders" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
 def _cuda_here(): return "this machine has CUDA" if torch.cuda.is_available() else None
 
 EVAL_CLI = [
@@ -448,7 +449,8 @@ def _fuse_files(tmp):
     "A reference, a degraded volume, a flat one, a 4D one, one with a NaN, one far away, junk, and a tiny checkpoint."
     import nibabel as nib
     v = vol(16)
-    for name, a in (("ref.nii.gz", v), ("deg.nii.gz", v), ("flat.nii.gz", v[:, :, :1]), ("nan.nii.gz", with_nan(v))):
+    for name, a in (("ref.nii.gz", v), ("deg.nii.gz", v), ("flat.nii.gz", v[:, :, :1]), ("nan.nii.gz", with_nan(v)),
+                    ("const.nii.gz", vol(16, 0.5))):
         nii(tmp, name, a)
     nib.save(nib.Nifti1Image(np.stack([v, v], -1), np.eye(4)), str(tmp / "four.nii.gz"))
     far = np.eye(4); far[:3, 3] = 1000
@@ -501,9 +503,26 @@ FUSE = [
     Cli("unifuse-fuse: a CSV row whose output is another row's input", F.main, ["--csv", "{tmp}/pairs.csv", "--out-dir", "{tmp}", "--task", "mri", "--checkpoint", "{tmp}/m.pt"],
         ("b_fused.nii.gz", "input of this batch"), lambda t: (_fuse_files(t), nii(t, "b_fused.nii.gz", vol(16)),
         csv_file(t, "id,reference,other\na,ref.nii.gz,b_fused.nii.gz\nb,ref.nii.gz,deg.nii.gz\n"))),
+    Cli("unifuse-fuse: --prealign rigid on a constant volume", F.main, _fuse("ref.nii.gz", "const.nii.gz", "--checkpoint", "{tmp}/m.pt", "--prealign", "rigid"),
+        ("--prealign rigid", "DEG is constant")),
+    Cli("unifuse-fuse: a file in the way of -o's folder", F.main, ["{tmp}/ref.nii.gz", "{tmp}/deg.nii.gz", "-o", "{tmp}/results/fused.nii.gz", "--task", "mri",
+        "--checkpoint", "{tmp}/m.pt"], ("results", "is a file, not a folder"), lambda t: (_fuse_files(t), _a_file(t))),
+    Cli("unifuse-fuse: -o in a read-only folder", F.main, ["{tmp}/ref.nii.gz", "{tmp}/deg.nii.gz", "-o", "{tmp}/ro/fused.nii.gz", "--task", "mri",
+        "--checkpoint", "{tmp}/m.pt"], ("ro", "not writable"), lambda t: (_fuse_files(t), (t / "ro").mkdir(mode=0o555)), skip=_root_here),
+    Cli("unifuse-fuse: --out-dir under a file", F.main, ["--csv", "{tmp}/pairs.csv", "--out-dir", "{tmp}/results/out", "--task", "mri", "--checkpoint", "{tmp}/m.pt"],
+        ("--out-dir", "results", "is a file, not a folder"), lambda t: (_fuse_files(t), _a_file(t), csv_file(t, "id,reference,other\na,ref.nii.gz,deg.nii.gz\n"))),
     Cli("unifuse-fuse: no -o", F.main, ["{tmp}/ref.nii.gz", "{tmp}/deg.nii.gz", "--task", "mri"], ("-o FUSED", "to write")),
 ]
-for _row in FUSE: _row.setup = _row.setup or _fuse_files            # every row starts from the same files
+def _noise_pair(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 1, 24, 24, 24, generator=g), torch.rand(1, 1, 24, 24, 24, generator=g)
+
+FUSE += [
+    Case("prealign_rigid: two volumes of pure noise (DEG left as it is, with a warning)", lambda t: F.prealign_rigid(*_noise_pair()),
+         match=("--prealign rigid", "mutual information", "DEG was left as it is"), warns=F.FuseWarning,
+         check=lambda r: float(r[0].abs().max()) == 0 and "not used" in r[1]),
+]
+for _row in [r for r in FUSE if isinstance(r, Cli)]: _row.setup = _row.setup or _fuse_files            # every row starts from the same files
 
 ROWS = DATA + SPATIAL + METRICS + EVALUATE + EVAL_CLI + MODEL + DEGRADE + TRAIN + FUSE
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError)

@@ -10,7 +10,7 @@ import contextlib, glob, json, os, shutil, stat, tempfile, zipfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['sweep', 'atomic_path', 'write_text', 'write_bytes', 'write_json', 'check_archive']
+__all__ = ['sweep', 'check_writable', 'atomic_path', 'write_text', 'write_bytes', 'write_json', 'check_archive']
 
 # %% ../nbs/00a_files.ipynb #ab660079
 def _umask_mode() -> int:
@@ -40,6 +40,22 @@ def sweep(path, # a file that `atomic_path` writes
             try: shutil.rmtree(q) if q.is_dir() else q.unlink(); out.append(q)
             except OSError: pass
     return out
+
+def check_writable(path, # a file about to be written (it may exist; its folder may not yet)
+                   what:str="output", # how messages name it
+                  ) -> Path:
+    "Check, before any work, that `path` can be written: not a folder, no file in the way of its folder, a writable folder."
+    path = Path(path)
+    if path.is_dir(): raise ValueError(f"{what} {str(path)!r} is a folder; give a file name")
+    d = path.parent
+    while not d.exists() and d != d.parent: d = d.parent                  # the nearest folder that exists (created later)
+    if not d.is_dir():
+        raise ValueError(f"{what} {str(path)!r} cannot be written: {str(d)!r} is a file, not a folder; "
+                         f"choose another path or move that file")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(path)!r} cannot be written: the folder {str(d)!r} is not writable "
+                         f"(read-only or no permission); choose another output folder")
+    return path
 
 @contextlib.contextmanager
 def atomic_path(path, # the file to (re)write; its folder is created when missing

@@ -17,12 +17,12 @@ from torch import Tensor
 from .data import TASKS, CT_WINDOW, load_nifti, to_canonical, normalize, resample_pair, orientation, gaussian_blur
 from .degrade import CLASSES, TASKS as DEGRADATION
 from .colour import colourise, PET_CMAP
-from .files import atomic_path
+from .files import atomic_path, check_writable
 from .spatial import warp, resize_flow, jacobian_det, compose
 from .model import UniFuse
 
 # %% auto #0
-__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'PREALIGN', 'SUMMARY_COLUMNS', 'FuseWarning', 'normalise_input',
+__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'PREALIGN', 'MIN_MI', 'SUMMARY_COLUMNS', 'FuseWarning', 'normalise_input',
            'from_canonical', 'spacing_of', 'model_spacing', 'spacing_plan', 'resize_volume', 'memory_estimate',
            'available_memory', 'plan_windows', 'fuse_volume', 'degradation_report', 'folding', 'prealign_rigid',
            'fuse_prealigned', 'fuse_arrays', 'write_outputs', 'resolve_device', 'load_model', 'fuse_files',
@@ -332,24 +332,52 @@ def folding(flow:Tensor, # (B, 3, D, H, W) or (3, D, H, W) displacement in voxel
 # %% ../nbs/80_fuse.ipynb #4168f80f
 PREALIGN = ("none", "rigid")  # the choices of --prealign
 
+def _mutual_information(fixed:np.ndarray, moving:np.ndarray, bins:int=32) -> float:
+    "Mattes mutual information of two arrays on one grid, every voxel sampled (≥ 0; 0 = independent)."
+    import SimpleITK as sitk
+    R = sitk.ImageRegistrationMethod()
+    R.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
+    R.SetMetricSamplingStrategy(R.NONE); R.SetInterpolator(sitk.sitkLinear)
+    R.SetInitialTransform(sitk.Euler3DTransform())
+    img = lambda a: sitk.GetImageFromArray(np.ascontiguousarray(a, np.float32))
+    return -float(R.MetricEvaluate(img(fixed), img(moving)))               # SimpleITK minimises −MI
+
+MIN_MI = 0.02   # mutual information (nats) a registration must reach above chance level to be used
+
 def prealign_rigid(ref:Tensor, # (1, 1, D, H, W) REF in [0, 1]
                    deg:Tensor, # (1, 1, D, H, W) grey DEG on the same grid
                    spacing_mm=None, # voxel size (3,) for the message; None: voxels
                   ) -> tuple[Tensor, str]: # φ_pre (1, 3, D, H, W) in voxels with DEG(p + φ_pre(p)) ≈ REF(p); a note
-    "Rigid registration of DEG to REF (SimpleITK, mutual information): the displacement field and what it did."
+    """Rigid registration of DEG to REF (SimpleITK, mutual information): the displacement field and what it did.
+    Refuses a constant volume; keeps DEG as it is (φ_pre = 0, with a warning) when the result does not raise the
+    mutual information above the identity's, and warns when the two volumes share little information even so."""
     try:
         import SimpleITK  # noqa: F401  (the registration below imports it where it runs)
         from unifuse.evaluate import register
     except ImportError as e:
         raise ImportError(f"prealign 'rigid' needs SimpleITK ({e.name} is missing): pip install 'unifuse[data]', "
                           "or fuse without --prealign") from None
-    reg = register(ref[0, 0].float().cpu(), deg[0, 0].float().cpu(), deformable=False)
+    r, d = ref[0, 0].float().cpu(), deg[0, 0].float().cpu()
+    for name, v in (("REF", r), ("DEG", d)):
+        if float(v.max() - v.min()) < 1e-6:
+            raise ValueError(f"--prealign rigid: {name} is constant (every voxel {float(v.flatten()[0]):.3g} after "
+                             f"normalisation), so there is nothing to register; check the file, or fuse without --prealign")
+    reg = register(r, d, deformable=False)
     flow = reg["flow"][None].to(torch.float32)                              # (1, 3, D, H, W)
+    mi0, mi1 = _mutual_information(r.numpy(), d.numpy()), _mutual_information(r.numpy(), reg["aligned"])
+    chance = MIN_MI + (32 - 1) ** 2 / (2 * r.numel())                      # + the estimate's bias for independent volumes
+    why = (f"the registration did not raise the mutual information of REF and DEG ({mi0:.3f} → {mi1:.3f} nats)"
+           if mi1 <= mi0 * 1.02 else
+           f"REF and DEG share too little information for it (mutual information {mi1:.3f} nats after the registration, "
+           f"below {chance:.3f})" if mi1 < chance else None)
+    if why is not None:                                                     # a result that cannot be trusted: identity
+        _warn(f"--prealign rigid: {why}; DEG was left as it is: are REF and DEG scans of the same head?")
+        return torch.zeros_like(flow), f"rigid pre-alignment not used ({why}); DEG left as it is"
     sp = torch.ones(3) if spacing_mm is None else torch.as_tensor(np.asarray(spacing_mm, np.float32))
     mm = (flow[0] * sp[:, None, None, None]).norm(dim=0)                   # |φ_pre| in mm per voxel
     unit = "mm" if spacing_mm is not None else "voxels"
-    return flow, (f"DEG pre-aligned to REF by a rigid registration (SimpleITK, mutual information): displacement "
-                  f"{float(mm.mean()):.1f} {unit} on average, {float(mm.max()):.1f} {unit} at most")
+    return flow, (f"DEG pre-aligned to REF by a rigid registration (SimpleITK, mutual information {mi0:.3f} → {mi1:.3f}): "
+                  f"displacement {float(mm.mean()):.1f} {unit} on average, {float(mm.max()):.1f} {unit} at most")
 
 def fuse_prealigned(model, # a UniFuse model (its device is used)
                     ref:Tensor, # (1, 1, D, H, W) REF in [0, 1]
@@ -551,7 +579,7 @@ def _check_out(path, what:str) -> Path:
     if not p.name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"{what} {str(path)!r}: expected a file name ending in .nii.gz or .nii")
     if p.is_dir(): raise ValueError(f"{what} {str(path)!r}: is a folder; expected a file name ending in .nii.gz")
-    return p
+    return check_writable(p, what)                                          # before the work, not after it
 
 def _beside(out:Path, tag:str) -> Path:
     "fused.nii.gz -> fused_flow.nii.gz"
@@ -710,6 +738,7 @@ def fuse_csv(csv_path, # the pairs CSV (see `read_pairs`)
     from tqdm.auto import tqdm
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir(): raise ValueError(f"out_dir {str(out_dir)!r}: is a file; expected a folder")
+    check_writable(out_dir / "summary.csv", "--out-dir")                   # before any pair is fused
     if task is not None and task not in TASKS: raise ValueError(f"task={task!r}: expected one of {tuple(TASKS)}")
     rows = read_pairs(csv_path, task)
     outs = lambda r: [out_dir / f"{r['id']}_{k}.nii.gz" for k, on in (("fused", True), ("flow", flow), ("aligned", aligned)) if on]
