@@ -517,7 +517,24 @@ def _noise_pair(seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(1, 1, 24, 24, 24, generator=g), torch.rand(1, 1, 24, 24, 24, generator=g)
 
+def _slope_overflow(tmp):
+    import nibabel as nib
+    img = nib.Nifti1Image((vol(8) * 100).astype(np.int16), np.eye(4)); img.header.set_slope_inter(1e37, 0)
+    nib.save(img, str(tmp / "slope.nii.gz")); return tmp / "slope.nii.gz"
+
+def _zero_pixdims(tmp):
+    import nibabel as nib
+    img = nib.Nifti1Image(vol(8), None); img.header["pixdim"][1:4] = 0
+    img.header.set_qform(None, 0); img.header.set_sform(None, 0)
+    nib.save(img, str(tmp / "nopix.nii.gz")); return tmp / "nopix.nii.gz"
+
 FUSE += [
+    Case("load_nifti: scl_slope takes the values beyond float32 (the header is blamed, not the voxels)",
+         lambda t: D.load_nifti(_slope_overflow(t)), ValueError, ("scl_slope 1e\\+37", "header", "scl_slope = 1")),
+    Case("load_nifti: zero voxel sizes and no orientation (warned: 1 mm is a guess)", lambda t: D.load_nifti(_zero_pixdims(t)),
+         match=("pixdim", "not positive", "1 mm", "guess"), warns=UserWarning, check=lambda r: r[0].shape == (8, 8, 8)),
+    Case("fuse_arrays: an 8³ pair (warned: too little anatomy)", lambda t: F.fuse_arrays(vol(8), np.eye(4), vol(8), np.eye(4), "mri", tiny()),
+         match=("8×8×8 voxels", "too little anatomy"), warns=F.FuseWarning, check=lambda r: r["fused"].shape[-3:] == (8, 8, 8)),
     Case("prealign_rigid: two volumes of pure noise (DEG left as it is, with a warning)", lambda t: F.prealign_rigid(*_noise_pair()),
          match=("--prealign rigid", "mutual information", "DEG was left as it is"), warns=F.FuseWarning,
          check=lambda r: float(r[0].abs().max()) == 0 and "not used" in r[1]),

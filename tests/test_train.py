@@ -222,9 +222,11 @@ def test_resume_after_sigkill_continues_on_the_same_schedule(tmp_path, pool_dir)
     assert p.returncode == -signal.SIGKILL
     at = torch.load(killed / "checkpoint.pt", weights_only=True)["train"]["step"]
     assert 3 <= at < steps
-    r = subprocess.run([sys.executable, *args, "--out", str(killed), "--resume"], env=env1(), cwd=ROOT,
+    again = args[:args.index("--pool-dir")] + args[args.index("--pool-dir") + 2:]   # --resume alone: the saved --pool-dir
+    r = subprocess.run([sys.executable, *again, "--out", str(killed), "--resume"], env=env1(), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert not (killed / "pool").exists() and f"in {pool_dir}" in (killed / "train.log").read_text()   # no new pool in OUT
     with threads(1):                                                      # the uninterrupted run, in this process
         T.train(T.TrainConfig.preset("tiny", **SMALL, steps=steps, ckpt_every=3, val_every=6), tmp_path / "whole",
                 pool_dir=pool_dir, progress=False)
@@ -393,3 +395,17 @@ def test_cuda_bf16_run_of_the_paper_network(tmp_path, pool_dir):
     assert all(math.isfinite(float(t.history[-1][f"val_{k}"])) for k in ("total", "Q_ssim", "epe_mm"))
     m = UniFuse.load(tmp_path / "run" / "checkpoint.pt")                   # CUDA tensors saved, read on the CPU
     assert m.meta["steps"] == 3 and all(bool(torch.isfinite(v).all()) for v in m.state_dict().values())
+
+
+def test_a_full_disk_ends_with_one_line_and_the_resume_command(tmp_path, pool_dir, monkeypatch, capsys):
+    "torch.save on a full disk raises RuntimeError('… file write failed'): one line naming the file, exit 2, nothing half-written."
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"\0" * 10)                                   # a few bytes reach the disk, then it fails
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/3: file write failed")
+    monkeypatch.setattr(torch, "save", full)
+    code = T.main(["--out", str(tmp_path / "r"), "--preset", "tiny", *SMALL_ARGS, "--steps", "2", "--ckpt-every", "1",
+                   "--pool-dir", str(pool_dir)])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert "best.pt" in err[0] and "disk full" in err[0] and "--overwrite" in err[0] and "Errno" not in err[0], err[0]
+    assert not any(p.name.startswith(".") for p in (tmp_path / "r").iterdir())   # no temporary file left behind

@@ -474,6 +474,28 @@ def _cast(arr:np.ndarray, want:np.dtype, name:str) -> np.ndarray:
     return out
 
 # %% ../nbs/00_data.ipynb #ab93645b
+def _check_scaling(img, path):
+    "Blame the header, not the voxels, when scl_slope/scl_inter take finite stored values beyond float range."
+    slope, inter = (float(getattr(img.dataobj, k, v)) for k, v in (("slope", 1.0), ("inter", 0.0)))
+    if (slope, inter) == (1.0, 0.0) or not hasattr(img.dataobj, "get_unscaled"): return
+    raw = np.asarray(img.dataobj.get_unscaled())
+    if raw.dtype.kind in "iu" or np.isfinite(raw).all():
+        raise ValueError(f"{path}: the header's intensity scaling (scl_slope {slope:g}, scl_inter {inter:g}) takes the stored "
+                         f"values (up to {float(np.abs(raw).max()):g}) beyond the range of float32; the voxels are fine, "
+                         f"the header is not: set scl_slope = 1 and scl_inter = 0 (or the scanner's true values)")
+
+def _check_voxel_sizes(img, path):
+    "Warn when the stored voxel sizes (pixdim) are zero or negative: nibabel reads them as 1 mm, the spacing is a guess."
+    try:
+        with nib.openers.ImageOpener(str(path)) as f: raw = type(img.header).from_fileobj(f, check=False)
+        px = np.asarray(raw["pixdim"][1:4], np.float64)
+    except Exception: return                                                  # not a NIfTI-1/2 header we can re-read
+    if not (np.isfinite(px).all() and (px > 0).all()):
+        codes = int(raw["sform_code"]), int(raw["qform_code"])
+        warnings.warn(f"{path}: the header's voxel sizes (pixdim {px.tolist()}) are not positive; "
+                      + ("the affine comes from the sform/qform, check its spacing" if any(codes) else
+                         "nibabel reads them as 1 mm, so the spacing (and the world position) is a guess: fix the header"))
+
 def load_nifti(path, # a .nii or .nii.gz file
                canonical:bool=False, # reorient to RAS (`to_canonical`) before returning
                tensor:bool=False, # return a torch tensor instead of a numpy array
@@ -497,7 +519,9 @@ def load_nifti(path, # a .nii or .nii.gz file
     except Exception as e:
         raise ValueError(f"{path}: could not be read as NIfTI ({type(e).__name__}: {e}). Check that the file is a complete .nii/.nii.gz.") from e
     if dtype is not None: arr = _cast(arr, want, f"{path} (dtype={want})")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all(): _check_scaling(img, path)
     arr = check_volume(arr, str(path))
+    _check_voxel_sizes(img, path)
     affine = img.affine.copy()
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError(f"{path}: the header's affine is not a valid voxel-to-world map ({affine.tolist()}). Fix the header (qform/sform).")

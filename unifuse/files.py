@@ -6,7 +6,7 @@ Docs: https://unifuse.github.io/unifuse/files.html.md"""
 
 # %% ../nbs/00a_files.ipynb #c443b17c
 from __future__ import annotations
-import contextlib, glob, json, os, shutil, stat, tempfile, zipfile
+import contextlib, errno, glob, json, os, shutil, stat, tempfile, zipfile
 from pathlib import Path
 
 # %% auto #0
@@ -57,6 +57,11 @@ def check_writable(path, # a file about to be written (it may exist; its folder 
                          f"(read-only or no permission); choose another output folder")
     return path
 
+def _os_error(code:int, msg:str) -> OSError:
+    "An OSError with `errno` set whose text is `msg` alone (no '[Errno n]' in front)."
+    e = OSError(msg); e.errno = code
+    return e
+
 @contextlib.contextmanager
 def atomic_path(path, # the file to (re)write; its folder is created when missing
                ):
@@ -68,7 +73,15 @@ def atomic_path(path, # the file to (re)write; its folder is created when missin
     os.close(fd)
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else _umask_mode()   # a replaced file keeps its mode
     try:
-        yield Path(tmp)
+        try: yield Path(tmp)
+        except OSError as e:
+            if e.errno != errno.ENOSPC: raise
+            raise _os_error(errno.ENOSPC, f"no space left on the disk holding {path.parent} while writing {path.name}; "
+                                          f"nothing was replaced: free some space and run again") from None
+        except RuntimeError as e:                                            # torch.save: "... file write failed"
+            if "write failed" not in str(e) and "failed writing" not in str(e): raise
+            raise _os_error(errno.EIO, f"could not write {path} (is the disk full?); nothing was replaced: free some "
+                                       f"space and run again") from None
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:

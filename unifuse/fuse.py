@@ -22,11 +22,11 @@ from .spatial import warp, resize_flow, jacobian_det, compose
 from .model import UniFuse
 
 # %% auto #0
-__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'PREALIGN', 'MIN_MI', 'SUMMARY_COLUMNS', 'FuseWarning', 'normalise_input',
-           'from_canonical', 'spacing_of', 'model_spacing', 'spacing_plan', 'resize_volume', 'memory_estimate',
-           'available_memory', 'plan_windows', 'fuse_volume', 'degradation_report', 'folding', 'prealign_rigid',
-           'fuse_prealigned', 'fuse_arrays', 'write_outputs', 'resolve_device', 'load_model', 'fuse_files',
-           'read_pairs', 'fuse_csv', 'main', 'flow_to_canonical']
+__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'PREALIGN', 'MIN_SIDE', 'MIN_MI', 'SUMMARY_COLUMNS', 'FuseWarning',
+           'normalise_input', 'from_canonical', 'spacing_of', 'model_spacing', 'spacing_plan', 'resize_volume',
+           'memory_estimate', 'available_memory', 'plan_windows', 'fuse_volume', 'degradation_report', 'folding',
+           'prealign_rigid', 'fuse_prealigned', 'fuse_arrays', 'write_outputs', 'resolve_device', 'load_model',
+           'fuse_files', 'read_pairs', 'fuse_csv', 'main', 'flow_to_canonical']
 
 # %% ../nbs/80_fuse.ipynb #9fb914cc
 NORMS = ("auto", "hu", "percentile", "none")  # the choices of --ref-norm / --deg-norm
@@ -331,6 +331,7 @@ def folding(flow:Tensor, # (B, 3, D, H, W) or (3, D, H, W) displacement in voxel
 
 # %% ../nbs/80_fuse.ipynb #4168f80f
 PREALIGN = ("none", "rigid")  # the choices of --prealign
+MIN_SIDE = 16                 # a grid smaller than this (voxels, at the model's spacing) is fused with a warning
 
 def _mutual_information(fixed:np.ndarray, moving:np.ndarray, bins:int=32) -> float:
     "Mattes mutual information of two arrays on one grid, every voxel sampled (≥ 0; 0 = independent)."
@@ -461,6 +462,12 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
     sp = spacing_of(aff_c)
     target = model_spacing(model)
     size, moved = spacing_plan(ref_c.shape, sp, target)
+    if min(size) < MIN_SIDE:
+        crop = getattr(model, "meta", {}).get("crop")
+        _warn(f"{names[0]}: the model sees only {'×'.join(map(str, size))} voxels "
+              f"({'×'.join(f'{n * v:.0f}' for n, v in zip(size, target or sp))} mm), under {MIN_SIDE} along an axis"
+              + (f" and far less than the {crop}³ crops it was trained on" if crop else "")
+              + ": too little anatomy for the result to mean much; fuse whole scans, not small pieces")
     r = torch.from_numpy(np.ascontiguousarray(ref_c))[None, None]
     d = torch.from_numpy(np.ascontiguousarray(deg_c))[None, None]
     d_grey = d

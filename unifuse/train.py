@@ -836,10 +836,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.step, self.bad, self.best = 0, 0, None
         self.last_ckpt_step = None
+        saved_pool = None
         if resume:
             ck = resume_checkpoint or load_training_checkpoint(self.out / "checkpoint.pt")
             self._restore(ck)
+            saved_pool = ck["train"].get("pool_dir")                       # the --pool-dir the run was started with
+            if saved_pool is not None and not Path(saved_pool).is_dir(): saved_pool = None   # gone: make a new pool
         # data
+        if pool_dir is None and saved_pool is not None: pool_dir = saved_pool
         self.pool_dir = Path(pool_dir) if pool_dir is not None else (self.out / "pool" if self.out is not None else None)
         if self.pool_dir is None:
             import tempfile
@@ -940,7 +944,8 @@ def state(self:Trainer) -> dict:
     ck["train"] = dict(format_version=1, step=self.step, lr=float(self.opt.param_groups[0]["lr"]),
                        optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
                        rng=rng_state(), config=cfg.to_dict(), best=self.best, world_size=self.world,
-                       elapsed_s=self.elapsed, torch_version=str(torch.__version__))
+                       elapsed_s=self.elapsed, torch_version=str(torch.__version__),
+                       pool_dir=None if getattr(self, "_tmp_pool", None) else str(Path(self.pool_dir).resolve()))
     return ck
 
 @patch
@@ -1380,12 +1385,16 @@ def main(argv=None) -> int:
         try:
             t = Trainer(cfg, a.out, device=a.device, pool_dir=a.pool_dir, resume=what == "resume", init=a.init,
                         progress=not a.quiet, resume_checkpoint=ck)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             return _fail(e)
         except KeyboardInterrupt:
             return _fail("interrupted while making the data pool (what was made is cached); run the command again", 130)
         try: t.run()
         except TrainingStopped as e: return _fail(e, 1)
+        except OSError as e:                                          # the disk filled, the folder went away …
+            then = (f"the last checkpoint is step {t.last_ckpt_step}: continue with unifuse-train --out {a.out} --resume"
+                    if t.last_ckpt_step is not None else f"no checkpoint yet: start again with --overwrite")
+            return _fail(f"{e} (at step {t.step}; {then})")
         except KeyboardInterrupt:
             return _fail(f"interrupted at step {t.step}; the last checkpoint is step {t.last_ckpt_step}: continue with "
                          f"unifuse-train --out {a.out} --resume", 130)
