@@ -6,7 +6,7 @@ Docs: https://unifuse.github.io/unifuse/train.html.md"""
 
 # %% ../nbs/90_train.ipynb #13e048ab
 from __future__ import annotations
-import argparse, ast, contextlib, copy, csv, dataclasses, io, json, math, os, random, sys, time, warnings
+import argparse, ast, contextlib, copy, csv, dataclasses, io, json, math, os, random, shutil, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -727,8 +727,27 @@ class RunLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+                if resume_step is not None: self._rebuild_tb(SummaryWriter)   # events up to the checkpoint, each once
+                self.tb = SummaryWriter(str(self.out / "tb"))
             except ImportError: self.log("tensorboard is not installed (pip install 'unifuse[train]'): no tb/ events")
+    def _scalars(self, tb, r:dict):
+        "A metrics row's numbers as TensorBoard scalars (train/…, val/…) at its step."
+        for k, v in r.items():
+            if k == "step" or v is None or v == "" or isinstance(v, bool): continue
+            try: v = float(v)
+            except (TypeError, ValueError): continue
+            if math.isfinite(v): tb.add_scalar(k.replace("loss_", "train/").replace("val_", "val/"), v, int(r["step"]))
+    def _rebuild_tb(self, SummaryWriter):
+        """On resume, write tb/ anew from the rows kept in metrics.csv: TensorBoard events are made only from those rows,
+        so nothing is lost, and the steps logged between the checkpoint and a kill are not there twice for any reader."""
+        for q in self.out.glob("tb.*-*"): shutil.rmtree(q, ignore_errors=True)   # leftovers of a rebuild that was killed
+        new, old = self.out / f"tb.partial-{os.getpid()}", self.out / f"tb.old-{os.getpid()}"
+        w = SummaryWriter(str(new))
+        for r in self.rows: self._scalars(w, r)
+        w.close()
+        if (self.out / "tb").exists(): os.replace(self.out / "tb", old)
+        os.replace(new, self.out / "tb")
+        shutil.rmtree(old, ignore_errors=True)
     def log(self, msg:str):
         "A line of train.log (with the time)."
         self.lines += [f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {m}" for m in str(msg).splitlines()]
@@ -740,9 +759,7 @@ class RunLog:
         w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n"); w.writeheader(); w.writerows(self.rows)
         write_text(self.out / "metrics.csv", buf.getvalue())
         if self.tb is not None:
-            for k, v in r.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self.tb.add_scalar(k.replace("loss_", "train/").replace("val_", "val/"), v, int(r["step"]))
+            self._scalars(self.tb, r)
             self.tb.flush()
     def progress(self, best_metric:str):
         write_bytes(self.out / "progress.png", _png(_plot_progress(self.rows, best_metric)))
