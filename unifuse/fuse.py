@@ -465,7 +465,7 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
     if min(size) < MIN_SIDE:
         crop = getattr(model, "meta", {}).get("crop")
         _warn(f"{names[0]}: the model sees only {'×'.join(map(str, size))} voxels "
-              f"({'×'.join(f'{n * v:.0f}' for n, v in zip(size, target or sp))} mm), under {MIN_SIDE} along an axis"
+              f"({'×'.join(f'{n * v:.0f}' for n, v in zip(size, target if target is not None else sp))} mm), under {MIN_SIDE} along an axis"
               + (f" and far less than the {crop}³ crops it was trained on" if crop else "")
               + ": too little anatomy for the result to mean much; fuse whole scans, not small pieces")
     r = torch.from_numpy(np.ascontiguousarray(ref_c))[None, None]
