@@ -22,11 +22,11 @@ from .spatial import warp, resize_flow, jacobian_det, compose
 from .model import UniFuse
 
 # %% auto #0
-__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'PREALIGN', 'MIN_SIDE', 'MIN_MI', 'SUMMARY_COLUMNS', 'FuseWarning',
-           'normalise_input', 'from_canonical', 'spacing_of', 'model_spacing', 'spacing_plan', 'resize_volume',
-           'memory_estimate', 'available_memory', 'plan_windows', 'fuse_volume', 'degradation_report', 'folding',
-           'prealign_rigid', 'fuse_prealigned', 'fuse_arrays', 'write_outputs', 'resolve_device', 'load_model',
-           'fuse_files', 'read_pairs', 'fuse_csv', 'main', 'flow_to_canonical']
+__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'SOFT_TISSUE_HU', 'PREALIGN', 'MIN_SIDE', 'MIN_MI', 'SUMMARY_COLUMNS',
+           'FuseWarning', 'ct_units', 'normalise_input', 'from_canonical', 'spacing_of', 'model_spacing',
+           'spacing_plan', 'resize_volume', 'memory_estimate', 'available_memory', 'plan_windows', 'fuse_volume',
+           'degradation_report', 'folding', 'prealign_rigid', 'fuse_prealigned', 'fuse_arrays', 'write_outputs',
+           'resolve_device', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv', 'main', 'flow_to_canonical']
 
 # %% ../nbs/80_fuse.ipynb #9fb914cc
 NORMS = ("auto", "hu", "percentile", "none")  # the choices of --ref-norm / --deg-norm
@@ -52,10 +52,7 @@ def _plausibility(arr:np.ndarray, kind:str, modality:str, name:str, lo:float, hi
     scaled = lo >= -0.01 and hi <= 1.01
     if kind == "ct":
         if scaled: return
-        if lo >= 0 and hi > 1.01:
-            _warn(f"{name}: a CT in Hounsfield units has air near -1000 HU, but its values span {_fmt(lo)}…{_fmt(hi)}; "
-                  f"stored without the rescale intercept (HU + 1024)? It was windowed as HU anyway")
-        elif lo < -3100 or hi > 30000:
+        if lo < -3100 or (hi > 30000 and lo < -500):                        # (lo ≥ -500: `ct_units` decides)
             _warn(f"{name}: values {_fmt(lo)}…{_fmt(hi)} lie outside any range of Hounsfield units; is this a CT?")
         return
     air = float((arr <= -500).mean())
@@ -67,6 +64,35 @@ def _plausibility(arr:np.ndarray, kind:str, modality:str, name:str, lo:float, hi
               f"voxels are (down to {_fmt(lo)}); they end up at 0")
 
 # %% ../nbs/80_fuse.ipynb #ef8b1ace
+SOFT_TISSUE_HU = 30.0  # Hounsfield units of a head CT's commonest foreground value (brain and soft tissue)
+
+def ct_units(arr:np.ndarray, # a CT volume as stored
+            ) -> dict: # kind "hu", "calibrated" (with air, tissue, scale) or "unknown"; and why
+    """Are a CT's values Hounsfield units? If not, a linear map to HU from its air and its soft-tissue mode.
+
+    A CT in HU has air near −1000 (or padding below it); a head cropped without air still has its soft-tissue mode
+    near 0…100 HU. Values that have neither (0…16 in some unit, 0…3,800 stored without the rescale intercept) are
+    mapped linearly so that the background (air) becomes −1000 HU and the commonest foreground value
+    `SOFT_TISSUE_HU`; without a background to anchor the map the units stay unknown."""
+    lo = float(arr.min())
+    if lo < -500: return dict(kind="hu", why=f"air at {lo:.0f}")
+    air, top = (float(v) for v in np.percentile(arr, [1, 99.5]))
+    if top <= air: return dict(kind="unknown", why="no spread of values")
+    span = top - air
+    fg = arr[arr > air + 0.02 * span]                                       # everything but the lowest values
+    if fg.size < 100: return dict(kind="unknown", why="too little foreground")
+    hist, edges = np.histogram(fg, bins=200, range=(float(fg.min()), top))
+    k = int(hist.argmax()); near = fg[(fg >= edges[max(k - 2, 0)]) & (fg <= edges[min(k + 3, 200)])]
+    tissue = float(np.median(near))                                         # the commonest tissue value
+    if -60 <= tissue <= 120 and top >= 300:                                 # soft tissue and bone where HU puts them
+        return dict(kind="hu", why=f"soft tissue at {tissue:.0f}, no air in view")
+    background = float((arr <= air + 0.05 * span).mean())
+    if background < 0.05 or tissue < air + 0.1 * span:
+        return dict(kind="unknown", why=f"no air around the head to anchor a scale")
+    scale = (SOFT_TISSUE_HU + 1000) / (tissue - air)                        # HU per stored unit
+    return dict(kind="calibrated", air=air, tissue=tissue, scale=scale,
+                why=f"background {_fmt(air)} taken as air (−1000 HU), soft-tissue mode {_fmt(tissue)} as {SOFT_TISSUE_HU:g} HU")
+
 def normalise_input(vol, # (D, H, W) intensities as stored (HU, SUV, scanner units …), array or tensor
                     modality:str, # "MRI-T1", "MRI-T2", "CT" or "PET" (what `unifuse.data.TASKS` names)
                     how:str="auto", # "auto", "hu" (CT window), "percentile" (foreground 0.5/99.5 %), "none" (as stored)
@@ -83,6 +109,17 @@ def normalise_input(vol, # (D, H, W) intensities as stored (HU, SUV, scanner uni
     _plausibility(arr, kind, modality, name, lo, hi)
     scaled = lo >= -0.01 and hi <= 1.01
     chosen = how if how != "auto" else "none" if scaled else "hu" if kind == "ct" else "percentile"
+    units = ct_units(arr) if (how == "auto" and chosen == "hu") else None
+    if units is not None and units["kind"] == "calibrated":                 # a CT that is not in HU: to HU first
+        _warn(f"{name}: values {_fmt(lo)}…{_fmt(hi)} are not Hounsfield units (no air near −1000); mapped to HU "
+              f"linearly ({units['why']}); pass --{'ref' if name.startswith('REF') else 'deg'}-norm hu or percentile to choose yourself")
+        out = normalize(-1000 + (arr - units["air"]) * units["scale"], "CT", window=CT_WINDOW)
+        return np.ascontiguousarray(out, dtype=np.float32), (f"{modality}: not in HU, mapped linearly to HU ({units['why']}), "
+                                                           f"then HU window {CT_WINDOW[0]:g}…{CT_WINDOW[1]:g} → [0, 1]")
+    if units is not None and units["kind"] == "unknown":                   # not HU, nothing to calibrate by
+        _warn(f"{name}: values {_fmt(lo)}…{_fmt(hi)} do not look like Hounsfield units and cannot be mapped to them "
+              f"({units['why']}): normalised by foreground percentiles instead of the HU window")
+        chosen = "percentile"
     if chosen == "hu":
         if kind != "ct": _warn(f"{name}: the HU window is meant for CT, applied to {modality} as asked")
         if scaled: _warn(f"{name}: values already in [0, 1] (a scaled CT?); the HU window maps them all to about 0.1")
