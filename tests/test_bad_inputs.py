@@ -469,7 +469,36 @@ def _fuse(ref, deg, *extra):
 def _used_run(tmp):
     (tmp / "run").mkdir(); (tmp / "run" / "train.log").write_text("an earlier run\n")
 
+def _full_disk_train(tmp, when):
+    "unifuse-train whose torch.save hits a full disk ('… file write failed') while making the pool or a checkpoint."
+    import contextlib, io
+    argv = ["--out", str(tmp / "r"), "--preset", "tiny", "--crop", "16", "--val-crop", "20", "--spacing-mm", "7", "--pool-size", "2",
+            "--val-subjects", "1", "--workers", "0", "--steps", "2", "--quiet", "--pool-dir", str(tmp / "pool")]
+    if when == "checkpoint":                                               # the pool is made first, on a disk with room
+        T.warm_cache([T.BuiltinSubjects(range(2), 7.0, tmp / "pool"), T.BuiltinSubjects([T.VAL_SEED0], 7.0, tmp / "pool")], workers=0)
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"\0" * 10)                                    # a few bytes reach the disk, then it fails
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/3: file write failed")
+    real, torch.save = torch.save, full
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err): code = T.main(argv)
+    finally: torch.save = real
+    left = sorted(p.name for p in (tmp / "r").iterdir()) if (tmp / "r").exists() else []
+    hidden = [p.name for d in (tmp / "r", tmp / "pool") if d.exists() for p in d.iterdir() if p.name.startswith(".")]
+    return code, err.getvalue(), left, hidden
+
+def _one_line(r, *words):
+    code, err, left, hidden = r
+    return code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words) and "Errno" not in err and not hidden
+
+# Two cases need a run killed and resumed; their rows are in tests/test_train.py
+# (test_resume_after_sigkill_continues_on_the_same_schedule): --pool-dir reused on --resume, TensorBoard steps once each.
 TRAIN = [
+    Case("unifuse-train: a full disk while making the pool (one line; OUT left as it was, so the same command runs again)",
+         lambda t: _full_disk_train(t, "pool"), check=lambda r: _one_line(r, "builtin", "disk full") and r[2] == []),
+    Case("unifuse-train: a full disk at a checkpoint (one line naming the file, nothing half-written)",
+         lambda t: _full_disk_train(t, "checkpoint"), check=lambda r: _one_line(r, "best.pt", "disk full", "--overwrite")),
     Case("TrainConfig.preset: unknown name", lambda t: T.TrainConfig.preset("huge"), ValueError, ("huge", "expected one of")),
     Case("TrainConfig: steps 0", lambda t: T.TrainConfig.preset("tiny", steps=0), ValueError, ("steps", ">= 1")),
     Case("TrainConfig: negative learning rate", lambda t: T.TrainConfig.preset("tiny", lr=-1.0), ValueError, ("lr", "> 0")),

@@ -1394,17 +1394,23 @@ def main(argv=None) -> int:
         except (_UsageError, ValueError, TypeError, FileNotFoundError) as e:
             return _fail(e)
         _barrier_all()                                                # every process has checked before one writes
+        fresh = not a.out.exists()                                    # made by this command (removed again if it fails to start)
         if _dist()[0] == 0:
             if what == "overwrite": _clear_run(a.out)
             a.out.mkdir(parents=True, exist_ok=True)
             if what != "resume": write_json(a.out / "config.json", cfg.to_dict())
         _barrier_all()
+        def undo_start():                                             # a new run that never started leaves no run files
+            if what != "resume" and _dist()[0] == 0:
+                _clear_run(a.out)
+                if fresh and a.out.is_dir() and not any(a.out.iterdir()): a.out.rmdir()
         try:
             t = Trainer(cfg, a.out, device=a.device, pool_dir=a.pool_dir, resume=what == "resume", init=a.init,
                         progress=not a.quiet, resume_checkpoint=ck)
         except (ValueError, OSError) as e:
-            return _fail(e)
+            undo_start(); return _fail(e)
         except KeyboardInterrupt:
+            undo_start()
             return _fail("interrupted while making the data pool (what was made is cached); run the command again", 130)
         try: t.run()
         except TrainingStopped as e: return _fail(e, 1)
