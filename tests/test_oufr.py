@@ -102,3 +102,26 @@ def test_moda_gradient_reaches_encoder_and_spatial_mamba():
         assert lay.x_proj.weight.grad.abs().sum() > 0
         assert lay.A_log.grad.abs().sum() > 0
         assert lay.h_map.weight.grad.abs().sum() > 0
+
+
+def test_neighbours_are_the_face_neighbours_inside_the_grid():
+    from unifuse.oufr import neighbours
+    pos = torch.tensor([[0, 13, 26]])                                     # a corner, the centre, the far corner of 3³
+    nb = neighbours(pos, (3, 3, 3), 1)
+    assert nb.shape == (1, 3, 6)
+    assert sorted(nb[0, 1].tolist()) == [4, 10, 12, 14, 16, 22]          # the centre's six face neighbours
+    assert sorted(nb[0, 0].tolist()) == [0, 0, 0, 1, 3, 9]               # outside the grid: the token itself (ignored)
+    assert neighbours(pos, (3, 3, 3), 2).shape == (1, 3, 12)
+
+
+def test_l_cont_with_several_hard_negatives():
+    "Hard negatives that are the positive are ignored; a hard negative as similar as the positive raises the loss."
+    g = lambda: torch.Generator().manual_seed(0)
+    f1 = F.normalize(torch.randn(1, 8, 4), dim=-1); f2 = f1.clone()
+    none = l_cont(f1, f2, 3, 0.1, g())
+    self_only = torch.arange(8)[None, :, None].expand(1, 8, 2)            # both "hard" negatives are the positive itself
+    assert torch.allclose(l_cont(f1, f2, 3, 0.1, g(), hard=self_only), none)
+    twin = torch.cat([f2, f2], 1)                                         # token i + 8 is a copy of the positive i
+    hard = torch.stack([torch.arange(8), torch.arange(8) + 8], -1)[None]
+    pos = torch.arange(8)[None]
+    assert l_cont(f1, twin, 3, 0.1, g(), pos=pos, hard=hard) > l_cont(f1, twin, 3, 0.1, g(), pos=pos) + 0.3

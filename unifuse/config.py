@@ -73,6 +73,7 @@ class UniFuseConfig:
     moda_pairs:str="shifted"   # L_cont's positives: "shifted" (same anatomical point of two crops shifted against each other) or "grid" (same grid cell)
     moda_shift:int=2           # "shifted": largest relative shift of the two crops, tokens along each axis
     moda_border:int=1          # "shifted": tokens this close to a crop's border are left out of L_cont
+    moda_near:int=0            # "shifted": R's tokens 1…moda_near cells from the positive along each axis are negatives too (0: none)
     loss_weights:dict=field(default_factory=_default_weights)  # weight of each term of Eq. 15
     # execution
     ssm_backend:str|None=None  # None (automatic), "torch" or "cuda": see `unifuse.ssm.selective_scan`
@@ -92,7 +93,7 @@ class UniFuseConfig:
         need(self.fa_window_kind in FA_WINDOWS, f"fa_window_kind must be one of {FA_WINDOWS}, got {self.fa_window_kind!r}")
         need(self.dhat in DHAT_MODES, f"dhat must be one of {DHAT_MODES}, got {self.dhat!r}")
         need(self.moda_pairs in MODA_PAIRS, f"moda_pairs must be one of {MODA_PAIRS}, got {self.moda_pairs!r}")
-        for k in ("moda_shift", "moda_border", "dapl_window"):
+        for k in ("moda_shift", "moda_border", "moda_near", "dapl_window"):
             v = getattr(self, k)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{k} must be an int >= 0, got {v!r}")
         need(isinstance(self.fa_radius, int) and 1 <= self.fa_radius <= 4, f"fa_radius must be 1…4, got {self.fa_radius!r}")

@@ -18,7 +18,7 @@ from .config import UniFuseConfig
 from .files import atomic_path, check_archive
 from .spatial import warp, resize_flow
 from .dapl import DAPL, to_volume, to_tokens
-from .oufr import OUFR, moda_loss, l_cont, shifted_crops, correspondence
+from .oufr import OUFR, moda_loss, l_cont, shifted_crops, correspondence, neighbours
 from .fa import FA, reg_loss
 from .ufrf import UFRF, fusion_losses
 from .colour import luma, rgb_to_ycbcr
@@ -223,8 +223,10 @@ def moda_shifted(self:UniFuse, b:dict, # the training batch (floating tensors in
     fd, fr = self.oufr(o["feat_d_hat"], o["feat_r"], o["states"])      # (2B, N, M) each
     pos, mask = correspondence(tuple(x // cfg.patch for x in dc.shape[2:]), shift, cfg.moda_border)
     pos, mask = pos.to(fd.device), mask.to(fd.device)
-    same = torch.arange(pos.shape[1], device=fd.device).expand_as(pos)  # R's token at the anchor's own cell: another point
-    cont = lambda s: l_cont(fd[s], fr[s], cfg.moda_negatives, cfg.moda_tau, generator, pos[s], mask[s], same[s])
+    hard = torch.arange(pos.shape[1], device=fd.device).expand_as(pos)[..., None]   # R's token at the anchor's own cell: another point
+    if cfg.moda_near:                                                   # and the positive's near neighbours: a smooth code fails
+        hard = torch.cat([hard, neighbours(pos, tuple(x // cfg.patch for x in rc.shape[2:]), cfg.moda_near)], -1)
+    cont = lambda s: l_cont(fd[s], fr[s], cfg.moda_negatives, cfg.moda_tau, generator, pos[s], mask[s], hard[s])
     return cont(slice(0, B)) + cont(slice(B, 2 * B))                    # (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
 
 @patch

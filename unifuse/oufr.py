@@ -20,7 +20,7 @@ from .layers import Conv3d, on_fast_path
 
 # %% auto #0
 __all__ = ['spatial_ssm', 'SpatialMambaLayer', 'MambaLayer', 'TransformerLayer', 'OUFR', 'l_cont', 'moda_loss', 'shifted_crops',
-           'correspondence']
+           'correspondence', 'neighbours']
 
 # %% ../nbs/20_oufr.ipynb #44af0a5d
 _LOG2E = 1.4426950408889634                                          # exp(z) = 2^(z log2 e); exp2 is the faster one
@@ -223,7 +223,7 @@ def l_cont(F1:Tensor, # (B, N, M) anchors f_i
            generator:torch.Generator=None, # for the random negatives (on F2's device)
            pos:Tensor|None=None, # (B, N) index into F2 of each anchor's positive; None: the same position (N2 = N)
            mask:Tensor|None=None, # (B, N) bool: anchors that count; None: all
-           hard:Tensor|None=None, # (B, N) index into F2 of one more negative per anchor (ignored where it is the positive)
+           hard:Tensor|None=None, # (B, N) or (B, N, H) indices into F2 of more negatives per anchor (ignored where one is the positive)
           ) -> Tensor: # scalar L_cont (Eq. 5), mean over the anchors that count
     "InfoNCE between corresponding tokens of two feature sets, K random other tokens as negatives, cosine similarity."
     if F1.ndim != 3 or F2.ndim != 3 or F1.shape[0] != F2.shape[0] or F1.shape[2] != F2.shape[2] or (pos is None and F1.shape != F2.shape):
@@ -242,8 +242,10 @@ def l_cont(F1:Tensor, # (B, N, M) anchors f_i
     own = cand[:, None, :] == pos[:, :, None]                        # (B, N, K+1): f_j⁻ = f_i⁺?
     surplus = ~own.any(-1, keepdim=True) & (torch.arange(k + 1, device=F2.device) == k)   # drop the extra one
     neg = neg.masked_fill(own | surplus, float("-inf"))
-    if hard is not None:                                             # e.g. the token at the anchor's own cell
-        neg = torch.cat([neg, sim(hard).masked_fill((hard == pos)[..., None], float("-inf"))], -1)
+    if hard is not None:                                             # e.g. the token at the anchor's own cell, the positive's neighbours
+        h = hard if hard.ndim == 3 else hard[..., None]              # (B, N, H)
+        fh = torch.gather(f2, 1, h.flatten(1)[..., None].expand(-1, -1, f2.shape[-1])).unflatten(1, h.shape[1:])   # (B, N, H, M)
+        neg = torch.cat([neg, (f1[:, :, None] * fh).sum(-1).masked_fill(h == pos[..., None], float("-inf"))], -1)
     logits = torch.cat([sim_pos, neg], -1) / tau                     # (B, N, 1+K+1(+1))
     loss = -logits.log_softmax(-1)[..., 0]                           # (B, N)
     if mask is None: return loss.mean()
@@ -292,3 +294,16 @@ def correspondence(grid:tuple, # (d, h, w) token grid of both crops
     u = u.clamp(torch.zeros_like(g), g - 1)                          # clamped where not counted
     pos = (u[..., 0] * grid[1] + u[..., 1]) * grid[2] + u[..., 2]
     return pos, mask
+
+def neighbours(pos:Tensor, # (B, N) flat indices into a token grid
+               grid:tuple, # (d, h, w) that grid
+               reach:int=1, # cells 1…reach away along each axis
+              ) -> Tensor: # (B, N, 6·reach) flat indices; `pos` itself where a neighbour falls outside the grid
+    "The tokens 1…`reach` cells from each `pos` along ±D, ±H, ±W: near, other anatomical points (hard negatives)."
+    g = torch.tensor(grid, device=pos.device)
+    zyx = torch.stack([pos // (grid[1] * grid[2]), pos // grid[2] % grid[1], pos % grid[2]], -1)   # (B, N, 3)
+    steps = torch.cat([torch.eye(3, dtype=torch.long, device=pos.device) * s for r in range(1, reach + 1) for s in (r, -r)])
+    u = zyx[:, :, None, :] + steps                                   # (B, N, 6·reach, 3)
+    inside = ((u >= 0) & (u < g)).all(-1)
+    flat = (u[..., 0] * grid[1] + u[..., 1]) * grid[2] + u[..., 2]
+    return torch.where(inside, flat, pos[..., None])
