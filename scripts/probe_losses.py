@@ -9,6 +9,7 @@ What does a loss term do to the unified features and to FA, before committing a 
     python scripts/probe_losses.py --losses moda                      # L_moda alone, 80 steps
     python scripts/probe_losses.py --losses ce+moda+reg --cfg "dict(fa_feature_grad=0.0)" --steps 120 --every 40
     python scripts/probe_losses.py --losses moda --tasks mri
+    python scripts/probe_losses.py --losses ce+moda --tasks ct --train "dict(p_brain=0.0)"   # crops anywhere in the head
 
 About 2 s a step on a 2-core CPU. The last line is one JSON object.
 """
@@ -23,6 +24,7 @@ from unifuse.train import TrainConfig, Trainer, heldout_set, alignment_check, TA
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
 ap.add_argument("--losses", default="ce+moda", help="terms of Eq. 15 to train, joined by + (default ce+moda)")
 ap.add_argument("--cfg", default="{}", help="UniFuseConfig overrides as a Python dict expression")
+ap.add_argument("--train", default="{}", help="TrainConfig overrides (e.g. crop sampling) as a Python dict expression")
 ap.add_argument("--steps", type=int, default=80); ap.add_argument("--lr", type=float, default=2e-3)
 ap.add_argument("--every", type=int, default=0, help="probe every this many steps (default: at the end)")
 ap.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
@@ -33,7 +35,7 @@ a = ap.parse_args()
 terms = a.losses.split("+")
 if set(terms) - set(LOSS_TERMS): sys.exit(f"--losses {a.losses}: terms must come from {LOSS_TERMS}")
 weights = {k: float(k in terms) for k in LOSS_TERMS}
-cfg = TrainConfig.preset("cpu", steps=1000, val_subjects=0, workers=0, tasks=tuple(a.tasks))
+cfg = TrainConfig.preset("cpu", steps=1000, val_subjects=0, workers=0, tasks=tuple(a.tasks), **eval(a.train, {}))
 cfg = cfg.replace(model={**cfg.model, **eval(a.cfg, {}), "loss_weights": weights})
 torch.manual_seed(0)
 t = Trainer(cfg, None, pool_dir=a.pool_dir, progress=False)
@@ -52,5 +54,5 @@ for k in range(a.steps):
     opt.zero_grad(); L["total"].backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step()
     if (a.every and (k + 1) % a.every == 0) or k + 1 == a.steps: report(k + 1)
 if a.save: m.save(a.save)
-print(json.dumps(dict(losses=terms, cfg=a.cfg, tasks=a.tasks, steps=a.steps, lr=a.lr,
+print(json.dumps(dict(losses=terms, cfg=a.cfg, train=a.train, tasks=a.tasks, steps=a.steps, lr=a.lr,
                       last_losses={k: round(float(v.detach()), 4) for k, v in L.items()}, probe=rows)))
