@@ -492,9 +492,32 @@ def _one_line(r, *words):
     code, err, left, hidden = r
     return code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words) and "Errno" not in err and not hidden
 
-# Two cases need a run killed and resumed; their rows are in tests/test_train.py
-# (test_resume_after_sigkill_continues_on_the_same_schedule): --pool-dir reused on --resume, TensorBoard steps once each.
+def _killed_and_resumed(tmp):
+    "unifuse-train --pool-dir P killed (SIGKILL) after its first checkpoint, then `--resume` alone: (pool made in OUT?, tb steps)."
+    import signal, subprocess, sys, time
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "MPLBACKEND": "Agg"}
+    out, pool = tmp / "run", tmp / "pool"
+    args = [sys.executable, "-m", "unifuse.train", "--out", str(out), "--preset", "tiny", "--crop", "16", "--val-crop", "20",
+            "--spacing-mm", "7", "--pool-size", "2", "--val-subjects", "1", "--workers", "0", "--steps", "8",
+            "--ckpt-every", "2", "--val-every", "4", "--log-every", "1", "--quiet"]
+    p = subprocess.Popen(args + ["--pool-dir", str(pool)], env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not (out / "checkpoint.pt").exists():
+        if p.poll() is not None or time.time() - t0 > 180: p.kill(); raise RuntimeError(p.communicate()[1].decode()[-1000:])
+        time.sleep(0.05)
+    time.sleep(0.5); p.send_signal(signal.SIGKILL); p.wait()                # killed a little after the checkpoint
+    r = subprocess.run(args + ["--resume"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    if r.returncode: raise RuntimeError(r.stderr[-1000:])
+    events = [e for f in sorted((out / "tb").iterdir()) for e in EventFileLoader(str(f)).Load()]
+    return (out / "pool").exists(), sorted(e.step for e in events for v in e.summary.value if v.tag == "train/total")
+
+# The same kill is in tests/test_train.py (test_resume_after_sigkill_continues_on_the_same_schedule), which also checks
+# that the resumed run ends bit for bit where an uninterrupted one does.
 TRAIN = [
+    Case("unifuse-train: killed, then --resume without --pool-dir (the saved pool is reused; TensorBoard holds each step once)",
+         _killed_and_resumed, check=lambda r: r == (False, list(range(1, 9)))),
     Case("unifuse-train: a full disk while making the pool (one line; OUT left as it was, so the same command runs again)",
          lambda t: _full_disk_train(t, "pool"), check=lambda r: _one_line(r, "builtin", "disk full") and r[2] == []),
     Case("unifuse-train: a full disk at a checkpoint (one line naming the file, nothing half-written)",
