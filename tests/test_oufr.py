@@ -125,3 +125,16 @@ def test_l_cont_with_several_hard_negatives():
     hard = torch.stack([torch.arange(8), torch.arange(8) + 8], -1)[None]
     pos = torch.arange(8)[None]
     assert l_cont(f1, twin, 3, 0.1, g(), pos=pos, hard=hard) > l_cont(f1, twin, 3, 0.1, g(), pos=pos) + 0.3
+
+
+def test_random_contrast_spreads_a_flat_volume_and_leaves_the_unpicked_alone():
+    from unifuse.oufr import random_contrast
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(3, 1, 8, 8, 8); x[:, :, 2:6, 2:6, 2:6] = 0.10 + 0.04 * torch.rand(3, 1, 4, 4, 4, generator=g)   # a flat "brain"
+    y = random_contrast(x, 1.0, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+    inside = lambda v: v[:, :, 2:6, 2:6, 2:6]
+    assert float(inside(y).std()) > 2 * float(inside(x).std())          # ranks spread the narrow band of values
+    assert torch.equal(random_contrast(x, 0.0, torch.Generator().manual_seed(1)), x)
+    same = x.clone(); same[:, :, 0, 0, 0] = 0                              # ties (the background) share one value
+    assert torch.unique(random_contrast(same, 1.0, torch.Generator().manual_seed(2))[0, 0][x[0, 0] == 0]).numel() == 1

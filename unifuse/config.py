@@ -74,6 +74,7 @@ class UniFuseConfig:
     moda_shift:int=2           # "shifted": largest relative shift of the two crops, tokens along each axis
     moda_border:int=1          # "shifted": tokens this close to a crop's border are left out of L_cont
     moda_near:int=0            # "shifted": R's tokens 1…moda_near cells from the positive along each axis are negatives too (0: none)
+    moda_contrast:float=0.0    # "shifted": probability that each volume of L_moda's pass gets a random intensity curve (`oufr.random_contrast`)
     loss_weights:dict=field(default_factory=_default_weights)  # weight of each term of Eq. 15
     # execution
     ssm_backend:str|None=None  # None (automatic), "torch" or "cuda": see `unifuse.ssm.selective_scan`
@@ -96,6 +97,7 @@ class UniFuseConfig:
         for k in ("moda_shift", "moda_border", "moda_near", "dapl_window"):
             v = getattr(self, k)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{k} must be an int >= 0, got {v!r}")
+        need(isinstance(self.moda_contrast, (int, float)) and 0 <= self.moda_contrast <= 1, f"moda_contrast must be a probability in [0, 1], got {self.moda_contrast!r}")
         need(isinstance(self.fa_radius, int) and 1 <= self.fa_radius <= 4, f"fa_radius must be 1…4, got {self.fa_radius!r}")
         need(isinstance(self.fa_direct, bool), f"fa_direct must be True or False, got {self.fa_direct!r}")
         need(isinstance(self.fa_feature_grad, (int, float)) and 0 <= self.fa_feature_grad <= 1,

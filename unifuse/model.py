@@ -18,7 +18,7 @@ from .config import UniFuseConfig
 from .files import atomic_path, check_archive
 from .spatial import warp, resize_flow
 from .dapl import DAPL, to_volume, to_tokens
-from .oufr import OUFR, moda_loss, l_cont, shifted_crops, correspondence, neighbours
+from .oufr import OUFR, moda_loss, l_cont, shifted_crops, correspondence, neighbours, random_contrast
 from .fa import FA, reg_loss
 from .ufrf import UFRF, fusion_losses
 from .colour import luma, rgb_to_ycbcr
@@ -218,6 +218,8 @@ def moda_shifted(self:UniFuse, b:dict, # the training batch (floating tensors in
     pad = lambda x: pad_to_multiple(x, m)[0]
     d = pad(torch.cat([luma(b["deg_label"]), luma(b["deg"])]))          # I_D, I'_D: (2B, 1, D, H, W)
     r = pad(torch.cat([b["ref"], b["ref_moved"]]))                      # I_R, I'_R
+    if cfg.moda_contrast > 0:                                           # each volume its own random contrast
+        d, r = random_contrast(d, cfg.moda_contrast, g), random_contrast(r, cfg.moda_contrast, g)
     dc, rc, shift = shifted_crops(d, r, cfg.patch, cfg.moda_shift, g, keep=2 * cfg.moda_border + 2)   # anchors left at any size
     o = self.dapl(dc, rc, update=False)                                 # only training pairs move the read-out's statistics
     fd, fr = self.oufr(o["feat_d_hat"], o["feat_r"], o["states"])      # (2B, N, M) each

@@ -20,7 +20,7 @@ from .layers import Conv3d, on_fast_path
 
 # %% auto #0
 __all__ = ['spatial_ssm', 'SpatialMambaLayer', 'MambaLayer', 'TransformerLayer', 'OUFR', 'l_cont', 'moda_loss', 'shifted_crops',
-           'correspondence', 'neighbours']
+           'correspondence', 'random_contrast', 'neighbours']
 
 # %% ../nbs/20_oufr.ipynb #44af0a5d
 _LOG2E = 1.4426950408889634                                          # exp(z) = 2^(z log2 e); exp2 is the faster one
@@ -294,6 +294,27 @@ def correspondence(grid:tuple, # (d, h, w) token grid of both crops
     u = u.clamp(torch.zeros_like(g), g - 1)                          # clamped where not counted
     pos = (u[..., 0] * grid[1] + u[..., 1]) * grid[2] + u[..., 2]
     return pos, mask
+
+def random_contrast(x:Tensor, # (B, 1, D, H, W) volumes in [0, 1]
+                    p:float, # probability that a volume is remapped
+                    generator:torch.Generator, # on the CPU
+                    knots:int=6, # knots of the random curve
+                   ) -> Tensor: # (B, 1, D, H, W): remapped volumes in [0, 1], the others as they were
+    """A random intensity curve through each volume's own value ranks (SynthMorph's route to contrast invariance,
+    without labels): value → its empirical CDF in the volume → a random piecewise-linear curve. Ranks spread the
+    values that fill most of a volume (a CT's nearly flat brain among them) over [0, 1] before the curve reshuffles them."""
+    B = x.shape[0]
+    pick = torch.rand(B, generator=generator) < p
+    if not bool(pick.any()): return x
+    out = []
+    for i in range(B):
+        if not bool(pick[i]): out.append(x[i]); continue
+        v = x[i].flatten()
+        cdf = torch.searchsorted(v.sort().values.contiguous(), v.contiguous(), right=True).to(x.dtype) / v.numel()   # ties share a rank
+        ys = torch.rand(knots, generator=generator).to(x.device, x.dtype)                       # the curve's values at 0, 1/(k−1), …, 1
+        t = cdf * (knots - 1); j = t.floor().clamp(max=knots - 2).long(); f = t - j
+        out.append((ys[j] * (1 - f) + ys[j + 1] * f).view_as(x[i]))
+    return torch.stack(out)
 
 def neighbours(pos:Tensor, # (B, N) flat indices into a token grid
                grid:tuple, # (d, h, w) that grid
