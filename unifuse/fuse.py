@@ -22,11 +22,12 @@ from .spatial import warp, resize_flow, jacobian_det, compose
 from .model import UniFuse
 
 # %% auto #0
-__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'SOFT_TISSUE_HU', 'PREALIGN', 'MIN_SIDE', 'MIN_MI', 'SUMMARY_COLUMNS',
-           'FuseWarning', 'ct_units', 'normalise_input', 'from_canonical', 'spacing_of', 'model_spacing',
-           'spacing_plan', 'resize_volume', 'memory_estimate', 'available_memory', 'plan_windows', 'fuse_volume',
-           'degradation_report', 'folding', 'prealign_rigid', 'fuse_prealigned', 'fuse_arrays', 'write_outputs',
-           'resolve_device', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv', 'main', 'flow_to_canonical']
+__all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'SOFT_TISSUE_HU', 'PREALIGN', 'MIN_SIDE', 'MI_BINS', 'MIN_MI',
+           'SUMMARY_COLUMNS', 'FuseWarning', 'ct_units', 'normalise_input', 'from_canonical', 'spacing_of',
+           'model_spacing', 'spacing_plan', 'resize_volume', 'memory_estimate', 'available_memory', 'plan_windows',
+           'fuse_volume', 'degradation_report', 'folding', 'prealign_rigid', 'fuse_prealigned', 'fuse_arrays',
+           'write_outputs', 'resolve_device', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv', 'main',
+           'flow_to_canonical']
 
 # %% ../nbs/80_fuse.ipynb #9fb914cc
 NORMS = ("auto", "hu", "percentile", "none")  # the choices of --ref-norm / --deg-norm
@@ -88,7 +89,7 @@ def ct_units(arr:np.ndarray, # a CT volume as stored
         return dict(kind="hu", why=f"soft tissue at {tissue:.0f}, no air in view")
     background = float((arr <= air + 0.05 * span).mean())
     if background < 0.05 or tissue < air + 0.1 * span:
-        return dict(kind="unknown", why=f"no air around the head to anchor a scale")
+        return dict(kind="unknown", why="no air around the head to anchor a scale")
     scale = (SOFT_TISSUE_HU + 1000) / (tissue - air)                        # HU per stored unit
     return dict(kind="calibrated", air=air, tissue=tissue, scale=scale,
                 why=f"background {_fmt(air)} taken as air (−1000 HU), soft-tissue mode {_fmt(tissue)} as {SOFT_TISSUE_HU:g} HU")
@@ -370,7 +371,9 @@ def folding(flow:Tensor, # (B, 3, D, H, W) or (3, D, H, W) displacement in voxel
 PREALIGN = ("none", "rigid")  # the choices of --prealign
 MIN_SIDE = 16                 # a grid smaller than this (voxels, at the model's spacing) is fused with a warning
 
-def _mutual_information(fixed:np.ndarray, moving:np.ndarray, bins:int=32) -> float:
+MI_BINS = 32   # histogram bins of the mutual information (as `unifuse.evaluate.register` uses)
+
+def _mutual_information(fixed:np.ndarray, moving:np.ndarray, bins:int=MI_BINS) -> float:
     "Mattes mutual information of two arrays on one grid, every voxel sampled (≥ 0; 0 = independent)."
     import SimpleITK as sitk
     R = sitk.ImageRegistrationMethod()
@@ -388,7 +391,7 @@ def prealign_rigid(ref:Tensor, # (1, 1, D, H, W) REF in [0, 1]
                   ) -> tuple[Tensor, str]: # φ_pre (1, 3, D, H, W) in voxels with DEG(p + φ_pre(p)) ≈ REF(p); a note
     """Rigid registration of DEG to REF (SimpleITK, mutual information): the displacement field and what it did.
     Refuses a constant volume; keeps DEG as it is (φ_pre = 0, with a warning) when the result does not raise the
-    mutual information above the identity's, and warns when the two volumes share little information even so."""
+    mutual information above the identity's, or leaves it within `MIN_MI` of chance level."""
     try:
         import SimpleITK  # noqa: F401  (the registration below imports it where it runs)
         from unifuse.evaluate import register
@@ -400,10 +403,10 @@ def prealign_rigid(ref:Tensor, # (1, 1, D, H, W) REF in [0, 1]
         if float(v.max() - v.min()) < 1e-6:
             raise ValueError(f"--prealign rigid: {name} is constant (every voxel {float(v.flatten()[0]):.3g} after "
                              f"normalisation), so there is nothing to register; check the file, or fuse without --prealign")
-    reg = register(r, d, deformable=False)
+    reg = register(r, d, deformable=False, bins=MI_BINS)
     flow = reg["flow"][None].to(torch.float32)                              # (1, 3, D, H, W)
     mi0, mi1 = _mutual_information(r.numpy(), d.numpy()), _mutual_information(r.numpy(), reg["aligned"])
-    chance = MIN_MI + (32 - 1) ** 2 / (2 * r.numel())                      # + the estimate's bias for independent volumes
+    chance = MIN_MI + (MI_BINS - 1) ** 2 / (2 * r.numel())                 # + the estimate's bias for independent volumes
     why = (f"the registration did not raise the mutual information of REF and DEG ({mi0:.3f} → {mi1:.3f} nats)"
            if mi1 <= mi0 * 1.02 else
            f"REF and DEG share too little information for it (mutual information {mi1:.3f} nats after the registration, "

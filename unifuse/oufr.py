@@ -322,7 +322,7 @@ def neighbours(pos:Tensor, # (B, N) flat indices into a token grid
               ) -> Tensor: # (B, N, 6·reach) flat indices; `pos` itself where a neighbour falls outside the grid
     "The tokens 1…`reach` cells from each `pos` along ±D, ±H, ±W: near, other anatomical points (hard negatives)."
     g = torch.tensor(grid, device=pos.device)
-    zyx = torch.stack([pos // (grid[1] * grid[2]), pos // grid[2] % grid[1], pos % grid[2]], -1)   # (B, N, 3)
+    zyx = torch.stack(torch.unravel_index(pos, grid), -1)            # (B, N, 3)
     steps = torch.cat([torch.eye(3, dtype=torch.long, device=pos.device) * s for r in range(1, reach + 1) for s in (r, -r)])
     u = zyx[:, :, None, :] + steps                                   # (B, N, 6·reach, 3)
     inside = ((u >= 0) & (u < g)).all(-1)
