@@ -39,6 +39,8 @@ CONVS = {
     "strided_patch": lambda: Conv3d(8, 16, 2, stride=2),
     "padding_string": lambda: Conv3d(8, 8, 3, padding="same"),
     "grouped": lambda: Conv3d(8, 8, 3, padding=1, groups=2),
+    "replicate_depthwise": lambda: Conv3d(8, 8, 3, padding=1, groups=8, padding_mode="replicate"),
+    "replicate_dense": lambda: Conv3d(1, 4, 3, padding=1, padding_mode="replicate"),
 }
 
 
@@ -61,6 +63,21 @@ def test_conv3d_matches_plain(kind):
     for a, b in zip(fast, ref): assert rel(a, b) < 1e-5
     assert isinstance(conv, nn.Conv3d)                                   # same class tree, same parameters
     assert set(conv.state_dict()) == ({"weight", "bias"} if conv.bias is not None else {"weight"})
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_replicate_padding_matches_torch(groups):
+    "Conv3d with padding_mode='replicate' (padded, then the fast path) computes what nn.Conv3d computes, gradients too."
+    torch.manual_seed(0)
+    ours, theirs = Conv3d(4, 8, 3, padding=1, groups=groups, padding_mode="replicate"), nn.Conv3d(4, 8, 3, padding=1, groups=groups, padding_mode="replicate")
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.rand(2, 4, 9, 10, 7)
+    res = []
+    for conv in (ours, theirs):
+        xx = x.clone().requires_grad_()
+        y = conv(xx); (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        res.append((y.detach(), xx.grad, conv.weight.grad))
+    for a, b in zip(*res): assert rel(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("k,depth", [(3, 1), (3, 2), (5, 2), (5, 3)])

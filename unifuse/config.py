@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, asdict
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DAPL_MODES', 'OUFR_MODES', 'ALSN_MODES', 'FA_ATTENTION', 'FA_WINDOWS', 'DHAT_MODES', 'MODA_PAIRS', 'LEGACY',
-           'LOSS_TERMS', 'UniFuseConfig']
+__all__ = ['DAPL_MODES', 'OUFR_MODES', 'ALSN_MODES', 'FA_ATTENTION', 'FA_WINDOWS', 'DHAT_MODES', 'MODA_PAIRS', 'PAD_MODES',
+           'LEGACY', 'LOSS_TERMS', 'UniFuseConfig']
 
 # %% ../nbs/08_config.ipynb #a7f6a8ba
 DAPL_MODES = ("full", "A", "B", "C")
@@ -22,10 +22,11 @@ FA_ATTENTION = ("dot", "cosine")
 FA_WINDOWS = ("centred", "blocks")
 DHAT_MODES = ("deg", "joint")
 MODA_PAIRS = ("shifted", "grid")
+PAD_MODES = ("replicate", "zeros")
 # What a checkpoint written before a field existed was built with: `from_dict` fills a missing field from here, so
 # older weights rebuild the network they were trained as (new configs get the dataclass defaults).
 LEGACY = dict(dhat="joint", moda_pairs="grid", fa_window_kind="blocks", fa_direct=False, fa_head_init=0.0,
-              fa_feature_grad=1.0, fa_attention="dot")   # not dapl_window: it has no weights, and windows of the training crop help older weights too
+              fa_feature_grad=1.0, fa_attention="dot", pad_mode="zeros")   # not dapl_window: it has no weights, and windows of the training crop help older weights too
 LOSS_TERMS = ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb")
 
 def _default_weights(): return {k: 1.0 for k in LOSS_TERMS}
@@ -63,6 +64,7 @@ class UniFuseConfig:
     lora_rank:int=4            # rank of each LoRA branch in ALSN
     dapl_window:int=12         # DAPL reads volumes in windows of this many tokens a side and averages the read-out (0: one window)
     dhat:str="deg"             # F̂'_D that OUFR reads: "deg" = F'_D (J_DR feeds DAPL's read-out only) or "joint" = F'_D + J_DR
+    pad_mode:str="replicate"   # padding of the 3×3×3 convolutions on the alignment path (shared encoder, OUFR, FA): "replicate" hides a crop's border, "zeros" reveals it
     # ablation switches (Table 4)
     dapl:str="full"            # "full", "A", "B", "C"
     oufr:str="spatial_mamba"   # "spatial_mamba", "mamba", "transformer", "none"
@@ -93,6 +95,7 @@ class UniFuseConfig:
         need(self.fa_attention in FA_ATTENTION, f"fa_attention must be one of {FA_ATTENTION}, got {self.fa_attention!r}")
         need(self.fa_window_kind in FA_WINDOWS, f"fa_window_kind must be one of {FA_WINDOWS}, got {self.fa_window_kind!r}")
         need(self.dhat in DHAT_MODES, f"dhat must be one of {DHAT_MODES}, got {self.dhat!r}")
+        need(self.pad_mode in PAD_MODES, f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
         need(self.moda_pairs in MODA_PAIRS, f"moda_pairs must be one of {MODA_PAIRS}, got {self.moda_pairs!r}")
         for k in ("moda_shift", "moda_border", "moda_near", "dapl_window"):
             v = getattr(self, k)

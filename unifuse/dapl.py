@@ -31,10 +31,11 @@ class SharedEncoder(nn.Module):
     def __init__(self,
                  c_in:int=1, # channels of the input volume
                  c:int=4,    # C: feature channels
+                 pad_mode:str="replicate", # "replicate": the border of a crop looks like its edge voxels; "zeros": like air
                 ):
         super().__init__()
-        self.conv1 = Conv3d(c_in, c, 3, padding=1)
-        self.conv2 = Conv3d(c, c, 3, padding=1)
+        self.conv1 = Conv3d(c_in, c, 3, padding=1, padding_mode=pad_mode)
+        self.conv2 = Conv3d(c, c, 3, padding=1, padding_mode=pad_mode)
         self.act = nn.LeakyReLU(0.2)
 
     def forward(self, x:Tensor # (B, c_in, D, H, W)
@@ -213,7 +214,7 @@ class DAPL(nn.Module):
         self.cfg, self.mode = cfg, cfg.dapl
         c, m, n = cfg.enc_channels, cfg.embed_dim, cfg.n_classes
         self.d_inner, self.d_state = cfg.expand * m, cfg.d_state
-        self.encoder = SharedEncoder(1, c)             # shared by I'_D and I_R
+        self.encoder = SharedEncoder(1, c, cfg.pad_mode)   # shared by I'_D and I_R
         self.prompts = nn.Parameter(torch.randn(n, cfg.prompt_len, m))   # P: (Ñ, L, M)
         if self.mode == "C": return                                  # no DAPL beyond the encoder
         hidden = cfg.dapl_hidden

@@ -133,10 +133,10 @@ def neighbourhood_attention(q:Tensor, # queries (B, C, d, h, w)
 # %% ../nbs/30_fa.ipynb #4a47f083
 class ConvFFN(nn.Module):
     "Residual-free convolutional feed-forward: norm, depthwise 3×3×3, pointwise ×`expand`, GELU, pointwise."
-    def __init__(self, c:int, expand:int=2):
+    def __init__(self, c:int, expand:int=2, pad_mode:str="zeros"):
         super().__init__()
         self.norm = ChannelNorm(c)
-        self.dw = Conv3d(c, c, 3, padding=1, groups=c)
+        self.dw = Conv3d(c, c, 3, padding=1, groups=c, padding_mode=pad_mode)
         self.pw1, self.pw2 = Conv3d(c, expand * c, 1), Conv3d(expand * c, c, 1)
     def forward(self, x:Tensor) -> Tensor:                                  # (B, C, D, H, W)
         return self.pw2(F.gelu(self.pw1(self.dw(self.norm(x)))))
@@ -158,6 +158,7 @@ class RegBLK(nn.Module):
                  guide:int, # width of the prompt guidance vector
                  cosine:bool=False, # scaled cosine attention with a learned temperature per head (default: q·k/√e)
                  radius:int|None=None, # centred neighbourhood attention of this radius; None: fixed windows of side `window`
+                 pad_mode:str="zeros", # padding of the feed-forwards' depthwise convolutions
                 ):
         super().__init__()
         if c % heads: raise ValueError(f"RegBLK: channels c={c} must be divisible by heads={heads}")
@@ -168,7 +169,7 @@ class RegBLK(nn.Module):
         self.qkv = Conv3d(c, 3 * c, 1)                                      # shared by both streams
         self.out_d = Conv3d(c + 3 * heads, c, 1)
         self.out_r = Conv3d(c + 3 * heads, c, 1)
-        self.ffn_d, self.ffn_r = ConvFFN(c), ConvFFN(c)
+        self.ffn_d, self.ffn_r = ConvFFN(c, pad_mode=pad_mode), ConvFFN(c, pad_mode=pad_mode)
 
     def forward(self, fd:Tensor, # F̄_D^i (B, c, d, h, w) on the 1/Q grid
                 fr:Tensor, # F̄_R^i (B, c, d, h, w)
@@ -219,9 +220,9 @@ class FA(nn.Module):
         self.guide = PromptMLP(cfg.prompt_len, M, c) if J else None         # only RegBLKs read the prompt
         radius = cfg.fa_radius if cfg.fa_window_kind == "centred" else None
         self.blocks = nn.ModuleList(RegBLK(c, heads, cfg.fa_window, level=J - 1 - i, shift=bool(i % 2), guide=c,
-                                           cosine=cfg.fa_attention == "cosine", radius=radius)
+                                           cosine=cfg.fa_attention == "cosine", radius=radius, pad_mode=cfg.pad_mode)
                                     for i in range(J))
-        self.head = nn.Sequential(Conv3d(2 * c, c, 3, padding=1), nn.ReLU(), Conv3d(c, 3, 1))
+        self.head = nn.Sequential(Conv3d(2 * c, c, 3, padding=1, padding_mode=cfg.pad_mode), nn.ReLU(), Conv3d(c, 3, 1))
         nn.init.zeros_(self.head[-1].bias)
         if cfg.fa_head_init > 0: nn.init.normal_(self.head[-1].weight, std=cfg.fa_head_init)   # small: φ ≈ 0, gradient everywhere
         else: nn.init.zeros_(self.head[-1].weight)                          # φ = 0 (identity) at start

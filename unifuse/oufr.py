@@ -115,6 +115,7 @@ class SpatialMambaLayer(nn.Module):
                  expand:int=1,      # inner width d = expand · M
                  d_h:int=None,      # inner width of the injected states h_j (None: the same as this layer)
                  dt_rank:int|str="auto",
+                 pad_mode:str="replicate", # padding of the depthwise 3×3×3 convolution on the token grid
                 ):
         super().__init__()
         d = expand * d_model
@@ -122,7 +123,7 @@ class SpatialMambaLayer(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.norm = nn.LayerNorm(d_model)
         self.in_proj = nn.Linear(d_model, 2 * d)
-        self.conv = Conv3d(d, d, 3, padding=1, groups=d)
+        self.conv = Conv3d(d, d, 3, padding=1, groups=d, padding_mode=pad_mode)
         self.x_proj = nn.Linear(d, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d)
         with torch.no_grad(): self.dt_proj.bias.copy_(_dt_bias(d))
@@ -190,7 +191,7 @@ class OUFR(nn.Module):
         self.cfg, self.mode = cfg, cfg.oufr
         m, e = cfg.embed_dim, cfg.oufr_expand
         self.patch = PatchEmbed(cfg.enc_channels, m, cfg.patch)
-        mk = {"spatial_mamba": lambda: SpatialMambaLayer(m, cfg.d_state, expand=e, d_h=cfg.expand * m),
+        mk = {"spatial_mamba": lambda: SpatialMambaLayer(m, cfg.d_state, expand=e, d_h=cfg.expand * m, pad_mode=cfg.pad_mode),
               "mamba": lambda: MambaLayer(m, cfg.d_state, cfg.d_conv, expand=e, backend=cfg.ssm_backend),
               "transformer": lambda: TransformerLayer(m)}.get(self.mode)
         self.layers = nn.ModuleList(mk() for _ in range(cfg.oufr_layers)) if mk else nn.ModuleList()
