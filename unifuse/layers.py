@@ -215,9 +215,9 @@ def conv3d(x:Tensor, # (B, C_in, D, H, W)
 class Conv3d(nn.Conv3d):
     "`nn.Conv3d` (same parameters, same results) that takes the CPU fast path of `conv3d`."
     def forward(self, x:Tensor) -> Tensor:
-        if self.padding_mode == "replicate" and any(self.padding):             # pad by the edge values, then the fast path
-            p = [q for q in reversed(self.padding) for _ in (0, 1)]
-            return conv3d(F.pad(x, p, mode="replicate"), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        if self.padding_mode == "replicate":                                    # pad by the edge values as nn.Conv3d does, then the fast path
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode="replicate")
+            return conv3d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         if self.padding_mode != "zeros": return super().forward(x)
         return conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
