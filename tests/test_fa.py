@@ -2,8 +2,10 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from unifuse.config import UniFuseConfig
-from unifuse.fa import FA, RegBLK, window_cross_attention, neighbourhood_attention, reg_loss, max_level
+from unifuse.fa import (FA, RegBLK, window_cross_attention, neighbourhood_attention, reg_loss, max_level, mind, mind_prior,
+                        token_patches, cost_volume, offsets)
 from unifuse.spatial import warp
 
 
@@ -13,6 +15,12 @@ def _inputs(cfg, grid=(8, 8, 8), B=2, seed=0):
     fd, fr = torch.randn(B, M, *grid, generator=g), torch.randn(B, M, *grid, generator=g)
     prompt = torch.randn(B, cfg.n_classes, cfg.prompt_len, M, generator=g)
     return fd, fr, prompt
+
+
+def _images(cfg, grid=(8, 8, 8), B=2, seed=1):
+    "I_R, I'_D on the grid the features of `_inputs` stand for (×Q), for FA's prior."
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.rand(B, 1, *(s * cfg.patch for s in grid), generator=g) for _ in range(2))
 
 
 @pytest.mark.parametrize("cosine", [False, True])
@@ -67,13 +75,13 @@ def test_neighbourhood_attention_uniform_is_zero_and_slabs_agree():
 
 @pytest.mark.parametrize("J", [0, 1, 2, 3, 4, 5])
 def test_fa_shapes_and_identity_at_start(J):
-    cfg = UniFuseConfig.tiny(n_regblk=J, fa_head_init=0.0, fa_direct=False)   # the earlier start: exactly φ = 0
+    cfg = UniFuseConfig.tiny(n_regblk=J, fa_head_init=0.0, fa_direct=False, fa_prior="none")   # the earlier start: exactly φ = 0
     fa = FA(cfg)
     fd, fr, P = _inputs(cfg, grid=(8, 6, 10))
     flow, flow_c = fa(fd, fr, P, (32, 24, 40), return_coarse=True)
     assert flow.shape == (2, 3, 32, 24, 40) and flow_c.shape == (2, 3, 8, 6, 10)
     assert torch.count_nonzero(flow) == 0                      # zero-initialised head: φ = 0
-    flow_default = FA(UniFuseConfig.tiny(n_regblk=J))(fd, fr, P, (32, 24, 40))
+    flow_default = FA(UniFuseConfig.tiny(n_regblk=J))(fd, fr, P, (32, 24, 40), images=_images(cfg, (8, 6, 10)))
     assert flow_default.shape == flow.shape and torch.isfinite(flow_default).all()
     assert len(fa.blocks) == J
     x = torch.rand(2, 1, 32, 24, 40)
@@ -81,7 +89,7 @@ def test_fa_shapes_and_identity_at_start(J):
 
 
 def test_flow_upsampled_in_voxels():
-    cfg = UniFuseConfig.tiny(n_regblk=1, fa_direct=False)
+    cfg = UniFuseConfig.tiny(n_regblk=1, fa_direct=False, fa_prior="none")
     fa = FA(cfg)
     nn.init.zeros_(fa.head[-1].weight)
     with torch.no_grad(): fa.head[-1].bias.copy_(torch.tensor([0.5, -1.0, 0.25]))   # constant φ at 1/Q
@@ -98,7 +106,7 @@ def test_gradient_reaches_every_fa_parameter():
     nn.init.normal_(fa.head[-1].weight, std=0.1)                # a trained head is not zero
     fd, fr, P = _inputs(cfg)
     P.requires_grad_(True)
-    flow = fa(fd, fr, P, (32, 32, 32))
+    flow = fa(fd, fr, P, (32, 32, 32), images=_images(cfg))
     reg_loss(flow, torch.randn_like(flow)).backward()
     for name, p in fa.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -110,7 +118,8 @@ def test_prompt_changes_the_flow():
     fa = FA(cfg)
     nn.init.normal_(fa.head[-1].weight, std=0.1)
     fd, fr, P = _inputs(cfg)
-    assert not torch.allclose(fa(fd, fr, P, (32,) * 3), fa(fd, fr, 2 * P + 1, (32,) * 3))
+    im = _images(cfg)
+    assert not torch.allclose(fa(fd, fr, P, (32,) * 3, images=im), fa(fd, fr, 2 * P + 1, (32,) * 3, images=im))
 
 
 def test_reg_loss():
@@ -134,6 +143,10 @@ def test_bad_inputs():
         fa(fd, fr, P, (32, 32))
     with pytest.raises(ValueError, match="divisible"):
         RegBLK(10, heads=3, window=4, level=0, shift=False, guide=4)
+    with pytest.raises(ValueError, match="needs images"):
+        fa(fd, fr, P, (32,) * 3)
+    with pytest.raises(ValueError, match="features' grid"):
+        fa(fd, fr, P, (32,) * 3, images=_images(cfg, grid=(8, 8, 4)))
 
 
 def test_max_level():
@@ -144,7 +157,7 @@ def test_cosine_attention_matches_its_definition_and_learns_its_temperature():
     "fa_attention='cosine': unit-length q, k times a learned per-head scale (10 at the start); 'dot' (default) keeps q·k/√e."
     import math
     import torch.nn.functional as F
-    cfg = UniFuseConfig.tiny(fa_attention="cosine")
+    cfg = UniFuseConfig.tiny(fa_attention="cosine", fa_prior="none")
     fa_c, fa_d = FA(cfg), FA(UniFuseConfig.tiny())
     assert UniFuseConfig.tiny().fa_attention == "dot" and UniFuseConfig().fa_attention == "dot"   # the plain form by default
     assert all(torch.allclose(b.logit_scale, torch.full((cfg.fa_heads,), math.log(10.0))) for b in fa_c.blocks)
@@ -165,7 +178,7 @@ def test_cosine_attention_matches_its_definition_and_learns_its_temperature():
 
 def test_direct_path_is_the_attention_displacement():
     "With the head silenced, φ at 1/Q is the finest block's attention displacement (mean over heads)."
-    cfg = UniFuseConfig.tiny(n_regblk=2)
+    cfg = UniFuseConfig.tiny(n_regblk=2, fa_prior="none")
     fa = FA(cfg)
     nn.init.zeros_(fa.head[-1].weight)
     fd, fr, P = _inputs(cfg)
@@ -178,3 +191,54 @@ def test_direct_path_is_the_attention_displacement():
     _, flow_c = fa(fd, fr, P, (32, 32, 32), return_coarse=True)
     assert torch.allclose(flow_c, seen["u"], atol=1e-6)
     assert fa.direct.tolist() == [0.0, 1.0]
+
+
+def test_mind_is_contrast_independent():
+    "MIND describes local structure: an inverted or rescaled contrast gives the same descriptor; a flat volume gives all ones."
+    x = torch.rand(2, 1, 12, 10, 8, generator=torch.Generator().manual_seed(0))
+    m = mind(x)
+    assert m.shape == (2, 6, 12, 10, 8) and float(m.max()) <= 1 and float(m.min()) > 0
+    assert torch.allclose(m.amax(1), torch.ones(2, 12, 10, 8))
+    assert torch.allclose(mind(1 - x), m, atol=1e-5) and torch.allclose(mind(0.5 * x + 0.2), mind(0.5 * (1 - x)), atol=1e-5)
+    assert torch.allclose(mind(torch.full((1, 1, 6, 6, 6), 0.3)), torch.ones(1, 6, 6, 6, 6))
+    with pytest.raises(ValueError, match="expected"):
+        mind(x[:, 0])
+
+
+def test_cost_volume_and_offsets():
+    a = torch.randn(1, 5, 4, 4, 4)
+    c = cost_volume(a, a, 1)
+    assert c.shape == (1, 27, 4, 4, 4)
+    assert torch.allclose(c[:, 13], torch.ones(1, 4, 4, 4), atol=1e-5)           # offset (0, 0, 0) is the centre row
+    assert offsets(1)[13].tolist() == [0.0, 0.0, 0.0]
+    p = token_patches(torch.arange(512.).view(1, 1, 8, 8, 8), 4)
+    assert p.shape == (1, 64, 2, 2, 2) and torch.allclose(p.mean(1), torch.zeros(1, 2, 2, 2))
+
+
+@pytest.mark.parametrize("shift", [(1, 0, 0), (0, -1, 1), (-2, 1, 0)])
+def test_mind_prior_finds_a_shift_across_contrasts(shift):
+    "I'_D = I_R moved by whole tokens and contrast-inverted: the prior reads the move off where the content is."
+    g = torch.Generator().manual_seed(3)
+    ref = F.avg_pool3d(torch.rand(1, 1, 40, 40, 40, generator=g), 3, 1, 1)   # smooth texture
+    q = 4
+    deg = 1 - torch.roll(ref, [s * q for s in shift], dims=(2, 3, 4))        # I_R(p) is found at p + shift: φ(p) = shift tokens
+    phi = mind_prior(ref, deg, q, radius=2, cube=3)
+    assert phi.shape == (1, 3, 10, 10, 10)
+    inner = phi[0, :, 3:7, 3:7, 3:7].reshape(3, -1).mean(1)                  # away from the rolled edges
+    assert torch.allclose(inner, torch.tensor(shift, dtype=torch.float32), atol=0.25), inner
+
+
+def test_prior_is_the_start_and_the_head_reads_it():
+    cfg = UniFuseConfig.tiny(n_regblk=1, fa_head_init=0.0)
+    fa = FA(cfg)
+    nn.init.zeros_(fa.blocks[0].out_r.weight); nn.init.zeros_(fa.blocks[0].out_r.bias)
+    assert fa.head[0].in_channels == 2 * cfg.fa_channels + 3 and float(fa.prior_weight.detach()) == 1.0
+    fd, fr, P = _inputs(cfg, B=1)
+    im = _images(cfg, B=1)
+    _, flow_c = fa(fd, fr, P, (32,) * 3, images=im, return_coarse=True)
+    prior = mind_prior(*im, cfg.patch, cfg.fa_radius, cfg.fa_prior_cube)
+    disp = flow_c - prior                                                    # what the attention adds (head at 0)
+    with torch.no_grad(): fa.prior_weight.fill_(0.0)
+    _, flow_0 = fa(fd, fr, P, (32,) * 3, images=im, return_coarse=True)
+    assert torch.allclose(flow_0, disp, atol=1e-5)                           # φ = prior_weight·φ_prior + the rest
+    assert FA(UniFuseConfig.tiny(fa_prior="none")).head[0].in_channels == 2 * cfg.fa_channels

@@ -43,10 +43,10 @@ def test_forward_contract(tiny):
 
 
 def test_zero_flow_is_identity_at_start(tiny):
-    "With FA's earlier start (no direct path, zero head) φ = 0 and the input passes unwarped; by default `warped` = W(deg, φ)."
+    "With FA's earlier start (no prior, no direct path, zero head) φ = 0 and the input passes unwarped; by default `warped` = W(deg, φ)."
     ref, deg = _volumes()
     torch.manual_seed(0)
-    plain = UniFuse(UniFuseConfig.tiny(fa_direct=False, fa_head_init=0.0)).eval()
+    plain = UniFuse(UniFuseConfig.tiny(fa_direct=False, fa_head_init=0.0, fa_prior="none")).eval()
     out = plain(ref, deg)
     assert torch.count_nonzero(out["flow"]) == 0
     assert torch.allclose(out["warped"], deg, atol=1e-5)

@@ -12,7 +12,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['DAPL_MODES', 'OUFR_MODES', 'ALSN_MODES', 'FA_ATTENTION', 'FA_WINDOWS', 'DHAT_MODES', 'MODA_PAIRS', 'PAD_MODES',
-           'LEGACY', 'LOSS_TERMS', 'UniFuseConfig']
+           'FA_PRIORS', 'LEGACY', 'LOSS_TERMS', 'UniFuseConfig']
 
 # %% ../nbs/08_config.ipynb #a7f6a8ba
 DAPL_MODES = ("full", "A", "B", "C")
@@ -23,10 +23,11 @@ FA_WINDOWS = ("centred", "blocks")
 DHAT_MODES = ("deg", "joint")
 MODA_PAIRS = ("shifted", "grid")
 PAD_MODES = ("replicate", "zeros")
+FA_PRIORS = ("mind", "none")
 # What a checkpoint written before a field existed was built with: `from_dict` fills a missing field from here, so
 # older weights rebuild the network they were trained as (new configs get the dataclass defaults).
 LEGACY = dict(dhat="joint", moda_pairs="grid", fa_window_kind="blocks", fa_direct=False, fa_head_init=0.0,
-              fa_feature_grad=1.0, fa_attention="dot", pad_mode="zeros")   # not dapl_window: it has no weights, and windows of the training crop help older weights too
+              fa_feature_grad=1.0, fa_attention="dot", pad_mode="zeros", fa_prior="none")   # not dapl_window: it has no weights, and windows of the training crop help older weights too
 LOSS_TERMS = ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb")
 
 def _default_weights(): return {k: 1.0 for k in LOSS_TERMS}
@@ -58,6 +59,8 @@ class UniFuseConfig:
     fa_direct:bool=True        # φ at 1/Q = the RegBLKs' attention displacements (weighted, finest first at 1) + the head's correction
     fa_head_init:float=1e-3    # std of the last layer of FA's head at initialisation (0: φ starts exactly at 0)
     fa_feature_grad:float=1.0  # share of L_reg's gradient that FA passes back into DAPL and OUFR (0: their features are L_moda's alone)
+    fa_prior:str="mind"        # FA's structural prior: "mind" (block matching of MIND descriptors of the two images, a start for φ) or "none"
+    fa_prior_cube:int=5        # side of the cube of tokens the prior's matching costs are averaged over (odd)
     ufrf_channels:tuple=(8, 16, 32, 64, 96)  # widths of UFR&F's U-Net levels, full resolution first
     ufrf_head_dim:int=48       # channels per attention head in BaseNet: heads = max(1, c // ufrf_head_dim)
     ufrf_ffn_expand:float=2.0  # BaseNet's gated feed-forward width × c below full resolution (Restormer uses 2.66); the top level uses 1
@@ -102,6 +105,9 @@ class UniFuseConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{k} must be an int >= 0, got {v!r}")
         need(isinstance(self.moda_contrast, (int, float)) and 0 <= self.moda_contrast <= 1, f"moda_contrast must be a probability in [0, 1], got {self.moda_contrast!r}")
         need(isinstance(self.fa_radius, int) and 1 <= self.fa_radius <= 4, f"fa_radius must be 1…4, got {self.fa_radius!r}")
+        need(self.fa_prior in FA_PRIORS, f"fa_prior must be one of {FA_PRIORS}, got {self.fa_prior!r}")
+        need(isinstance(self.fa_prior_cube, int) and self.fa_prior_cube in (1, 3, 5, 7, 9),
+             f"fa_prior_cube must be an odd number of tokens 1…9, got {self.fa_prior_cube!r}")
         need(isinstance(self.fa_direct, bool), f"fa_direct must be True or False, got {self.fa_direct!r}")
         need(isinstance(self.fa_feature_grad, (int, float)) and 0 <= self.fa_feature_grad <= 1,
              f"fa_feature_grad must be a number in [0, 1], got {self.fa_feature_grad!r}")

@@ -18,7 +18,7 @@ from .layers import Conv3d, on_fast_path, to_cl
 
 # %% auto #0
 __all__ = ['ChannelNorm', 'PromptMLP', 'window_cross_attention', 'neighbourhood_attention', 'ConvFFN', 'max_level', 'RegBLK',
-           'FA', 'reg_loss']
+           'mind', 'token_patches', 'offsets', 'cost_volume', 'mind_prior', 'FA', 'reg_loss']
 
 # %% ../nbs/30_fa.ipynb #d7cda776
 class ChannelNorm(nn.Module):
@@ -207,6 +207,61 @@ class RegBLK(nn.Module):
         fd, fr = fd + self.ffn_d(fd), fr + self.ffn_r(fr)
         return (fd, fr, phi) if return_disp else (fd, fr)
 
+# %% ../nbs/30_fa.ipynb #07e4ea94
+def mind(x:Tensor, # (B, 1, D, H, W) volumes
+         dilation:int=3, # distance of the six neighbours along ±D, ±H, ±W, voxels
+         radius:int=1, # the squared differences are averaged over a (2·radius+1)³ box
+        ) -> Tensor: # (B, 6, D, H, W) in (0, 1]; at every voxel the largest of the six is 1
+    "MIND (Heinrich et al. 2012) with the six axis neighbours: exp(−D_r / V), D_r the box-averaged squared difference to the voxel `dilation` away along r, V the mean of the six."
+    if x.ndim != 5 or x.shape[1] != 1: raise ValueError(f"mind: expected (B, 1, D, H, W), got {tuple(x.shape)}")
+    n, (D, H, W) = dilation, x.shape[2:]
+    xp = F.pad(x, (n,) * 6, mode="replicate")
+    shifts = [(n, 0, 0), (-n, 0, 0), (0, n, 0), (0, -n, 0), (0, 0, n), (0, 0, -n)]
+    d = torch.cat([F.avg_pool3d((x - xp[:, :, n + i:n + i + D, n + j:n + j + H, n + k:n + k + W]) ** 2,
+                                2 * radius + 1, 1, radius, count_include_pad=False) for i, j, k in shifts], 1)
+    v = d.mean(1, keepdim=True).clamp_min(1e-4)                             # local variance estimate (flat air: floor)
+    return torch.exp(-(d - d.amin(1, keepdim=True)) / v)                    # = exp(−D/V) / max over the six
+
+def token_patches(x:Tensor, # (B, C, D, H, W), sides multiples of q
+                  q:int, # token side (the patch size Q)
+                 ) -> Tensor: # (B, C·q³, D/q, H/q, W/q): each token's voxels as one vector, its mean removed
+    "Every Q³ token of a volume as a centred vector, on the token grid."
+    p = rearrange(x, "b c (d i) (h j) (w k) -> b (c i j k) d h w", i=q, j=q, k=q)
+    return p - p.mean(1, keepdim=True)
+
+def offsets(radius:int, device=None) -> Tensor:
+    "The (2r+1)³ integer displacements of a neighbourhood as rows (Δd, Δh, Δw), Δd slowest."
+    r = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+
+def cost_volume(a:Tensor, # (B, C, d, h, w): what looks
+                b:Tensor, # (B, C, d, h, w): where it looks (edges replicated)
+                radius:int, # offsets up to this many cells along each axis
+               ) -> Tensor: # (B, (2r+1)³, d, h, w): cos(a(p), b(p + o)) for every offset o of `offsets(radius)`
+    "Cosine similarity of each cell of `a` with the cells of `b` around it."
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    r, (d, h, w) = radius, a.shape[2:]
+    bp = F.pad(b, (r,) * 6, mode="replicate")
+    return torch.stack([(a * bp[:, :, r + i:r + i + d, r + j:r + j + h, r + k:r + k + w]).sum(1)
+                        for i, j, k in offsets(r).long().tolist()], 1)
+
+@torch.no_grad()
+def mind_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
+               deg:Tensor, # I'_D (B, 1, D, H, W) on the same grid
+               q:int, # token side Q
+               radius:int=2, # search ±radius tokens
+               cube:int=5, # matching costs averaged over cube³ tokens (block matching)
+               tau:float=0.05, # soft-argmax temperature on the cosines
+              ) -> Tensor: # φ_prior (B, 3, D/q, H/q, W/q) in 1/Q voxels: where each token of I_R is found in I'_D
+    "A parameter-free first guess of φ_D→R at 1/Q: MIND patches of I_R matched against those of I'_D, costs averaged over a cube, soft-argmax."
+    x = torch.cat([ref, deg]).float()
+    a, b = token_patches(mind(x), q).chunk(2)                               # (B, 6·q³, d, h, w) each
+    c = cost_volume(a, b, radius)                                           # (B, (2r+1)³, d, h, w)
+    if cube > 1:                                                            # mean over the cube's cells inside the grid
+        r, ones = cube // 2, c.new_ones(1, 1, *c.shape[2:])
+        c = F.avg_pool3d(F.pad(c, (r,) * 6), cube, 1) / F.avg_pool3d(F.pad(ones, (r,) * 6), cube, 1)   # any grid size
+    return torch.einsum("bkdhw,kc->bcdhw", (c / tau).softmax(1), offsets(radius, c.device))
+
 # %% ../nbs/30_fa.ipynb #9f827f6d
 class FA(nn.Module):
     "Feature alignment: J RegBLKs over the unified features and a head predicting φ_D→R (Eq. 6 supervises it)."
@@ -222,18 +277,22 @@ class FA(nn.Module):
         self.blocks = nn.ModuleList(RegBLK(c, heads, cfg.fa_window, level=J - 1 - i, shift=bool(i % 2), guide=c,
                                            cosine=cfg.fa_attention == "cosine", radius=radius, pad_mode=cfg.pad_mode)
                                     for i in range(J))
-        self.head = nn.Sequential(Conv3d(2 * c, c, 3, padding=1, padding_mode=cfg.pad_mode), nn.ReLU(), Conv3d(c, 3, 1))
+        self.prior = cfg.fa_prior != "none"                                 # φ_prior: block matching of MIND descriptors
+        self.head = nn.Sequential(Conv3d(2 * c + 3 * self.prior, c, 3, padding=1, padding_mode=cfg.pad_mode), nn.ReLU(),
+                                  Conv3d(c, 3, 1))                          # reads the prior too, so it can correct it
         nn.init.zeros_(self.head[-1].bias)
         if cfg.fa_head_init > 0: nn.init.normal_(self.head[-1].weight, std=cfg.fa_head_init)   # small: φ ≈ 0, gradient everywhere
         else: nn.init.zeros_(self.head[-1].weight)                          # φ = 0 (identity) at start
         # direct path: φ at 1/Q starts as the finest block's attention displacement; coarser blocks' weights start at 0
         self.direct = nn.Parameter(torch.tensor([0.0] * (J - 1) + [1.0])) if (cfg.fa_direct and J) else None
+        self.prior_weight = nn.Parameter(torch.ones(())) if self.prior else None   # φ at 1/Q starts as φ_prior (+ the rest)
 
     def forward(self, fbar_d:Tensor, # F̄'_D as a volume (B, M, D/Q, H/Q, W/Q)
                 fbar_r:Tensor, # F̄_R as a volume (B, M, D/Q, H/Q, W/Q)
                 prompt:Tensor, # P̂ (B, Ñ, L, M)
                 size, # full-resolution size (D, H, W) of the flow to return
                 return_coarse:bool=False, # also return φ at 1/Q (in voxels of the 1/Q grid)
+                images:tuple|None=None, # (I_R, I'_D) grey (B, 1, D, H, W) on the grid the features come from: for `fa_prior="mind"`
                ): # φ_D→R (B, 3, D, H, W) in voxels; with `return_coarse` a pair (φ, φ at 1/Q)
         M = self.cfg.embed_dim
         if fbar_d.ndim != 5 or fbar_d.shape != fbar_r.shape or fbar_d.shape[1] != M:
@@ -247,11 +306,29 @@ class FA(nn.Module):
         for blk in self.blocks:                                             # F̄^{i+1}
             if self.direct is None: fd, fr = blk(fd, fr, g)
             else: fd, fr, u = blk(fd, fr, g, return_disp=True); disps.append(u)   # u: (B, 3, d, h, w) 1/Q voxels
-        phi_c = self.head(torch.cat([fd, fr], 1))                           # (B, 3, d, h, w), 1/Q voxels
+        prior = self.prior_flow(images, fbar_d.shape[2:]).to(fd.dtype) if self.prior else None   # (B, 3, d, h, w) or None
+        phi_c = self.head(torch.cat([fd, fr] + ([prior] if self.prior else []), 1))   # (B, 3, d, h, w), 1/Q voxels
         if disps: phi_c = phi_c + torch.einsum("j,jbcdhw->bcdhw", self.direct.to(phi_c.dtype), torch.stack(disps))
+        if self.prior: phi_c = phi_c + self.prior_weight.to(phi_c.dtype) * prior
         phi_c = phi_c.contiguous()                                          # channels-first:
         phi = resize_flow(phi_c, size)                                      # (B, 3, D, H, W), ×Q, values ×Q  (trilinear is faster so)
         return (phi, phi_c) if return_coarse else phi
+
+    def prior_flow(self, images, # (I_R, I'_D) grey (B, 1, D, H, W)
+                   grid, # the 1/Q grid (d, h, w) of the features
+                  ) -> Tensor: # φ_prior (B, 3, d, h, w) in 1/Q voxels
+        "The prior's φ at 1/Q, with the images checked against the features' grid."
+        cfg = self.cfg
+        if images is None or len(images) != 2:
+            raise ValueError("FA: fa_prior='mind' needs images=(I_R, I'_D), the grey volumes the features were computed from; "
+                             "pass them, or build FA with UniFuseConfig(fa_prior='none')")
+        ref, deg = images
+        want = tuple(int(s) * cfg.patch for s in grid)
+        for name, x in (("I_R", ref), ("I'_D", deg)):
+            if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != want:
+                raise ValueError(f"FA: images must be grey (B, 1, D, H, W) volumes on the features' grid ×Q = {want}; "
+                                 f"{name} is {tuple(x.shape)}")
+        return mind_prior(ref, deg, cfg.patch, cfg.fa_radius, cfg.fa_prior_cube)
 
 # %% ../nbs/30_fa.ipynb #1db69170
 def reg_loss(flow:Tensor, # predicted φ_D→R (B, 3, D, H, W), voxels

@@ -84,7 +84,8 @@ class UniFuse(nn.Module):
         d, vd, vr = self._unified(ref, deg)                                 # (B, M, D/Q, H/Q, W/Q) each
         s = self.cfg.fa_feature_grad                                        # how much of L_reg reaches DAPL and OUFR
         g = (lambda x: x) if s == 1 else (lambda x: x.detach() if s == 0 else x.detach() + s * (x - x.detach()))
-        flow, flow_c = self.fa(g(vd), g(vr), d["prompt"], size, return_coarse=True)  # φ (B, 3, D, H, W), φ↓
+        flow, flow_c = self.fa(g(vd), g(vr), d["prompt"], size, return_coarse=True,   # φ (B, 3, D, H, W), φ↓
+                               images=(ref, luma(deg)))                     # for FA's MIND prior
         warped = warp(deg, flow)                                            # W(I'_D, φ): (B, 1 or 3, D, H, W)
         chroma = rgb_to_ycbcr(warped)[:, 1:] if deg.shape[1] == 3 else None # Cb, Cr of the aligned colour input
         fused = self.ufrf(warp(d["feat_d"], flow), d["feat_r"],             # W(F'_D, φ), F_R
