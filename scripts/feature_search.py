@@ -19,6 +19,7 @@ from unifuse.launch import configure
 configure()
 import torch, torch.nn.functional as F
 from unifuse.model import UniFuse
+from unifuse.fa import cost_volume, offsets, token_patches
 from unifuse.spatial import resize_flow
 from unifuse.train import TrainConfig, heldout_set
 
@@ -28,22 +29,14 @@ ap.add_argument("--smooth", type=int, nargs="+", default=[1, 5], help="sides of 
 ap.add_argument("--tau", type=float, nargs="+", default=[0.05, 0.1], help="soft-argmax temperatures")
 ap.add_argument("--subjects", type=int, default=2); ap.add_argument("--pool-dir", default="runs/pool")
 a = ap.parse_args()
-R = 2
-OFFS = torch.stack(torch.meshgrid(*[torch.arange(-R, R + 1)] * 3, indexing="ij"), -1).reshape(-1, 3).float()   # (125, 3)
+R = 2                                                                      # FA's neighbourhood: ±2 tokens
+OFFS = offsets(R)                                                          # (125, 3)
 
 def search(fr, fd, smooth, tau):
     "(B, M, d, h, w) twice → soft-argmax displacement (B, 3, d, h, w) of fr's tokens into fd, 1/Q voxels."
-    d, h, w = fr.shape[2:]
-    pd = F.pad(fd, (R,) * 6, mode="replicate")
-    s = torch.stack([F.cosine_similarity(fr, pd[:, :, R + i:R + i + d, R + j:R + j + h, R + k:R + k + w], dim=1)
-                     for i, j, k in OFFS.long().tolist()], 1)                 # (B, 125, d, h, w)
+    s = cost_volume(fr, fd, R)                                             # (B, 125, d, h, w) cosines
     if smooth > 1: s = F.avg_pool3d(s, smooth, 1, smooth // 2, count_include_pad=False)
     return torch.einsum("bkdhw,kc->bcdhw", (s / tau).softmax(1), OFFS)
-
-def patches(x, q):
-    "(B, 1, D, H, W) → (B, q³, D/q, H/q, W/q): each token's raw intensities, centred."
-    p = x.unfold(2, q, q).unfold(3, q, q).unfold(4, q, q).flatten(-3).permute(0, 1, 5, 2, 3, 4).flatten(1, 2)
-    return p - p.mean(1, keepdim=True)
 
 m = UniFuse.pretrained() if a.checkpoint == "shipped" else UniFuse.load(a.checkpoint)
 m.eval()
@@ -57,7 +50,7 @@ for i in range(hb["ref"].shape[0]):
         g = resize_flow(gt, tuple(fd.shape[2:]))
         head = F.adaptive_avg_pool3d((ref > 0.05).float(), fd.shape[2:])[:, 0] > 0.5
         zero = float(g.norm(dim=1)[head].mean())
-        for src, (x, y) in (("features", (fr, fd)), ("raw same-modality", (patches(ref, q), patches(hb["ref_moved"][i:i + 1], q)))):
+        for src, (x, y) in (("features", (fr, fd)), ("raw same-modality", (token_patches(ref, q), token_patches(hb["ref_moved"][i:i + 1], q)))):
             for sm in a.smooth:
                 for tau in a.tau:
                     err = float((search(x, y, sm, tau) - g).norm(dim=1)[head].mean())
