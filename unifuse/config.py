@@ -23,7 +23,7 @@ FA_WINDOWS = ("centred", "blocks")
 DHAT_MODES = ("deg", "joint")
 MODA_PAIRS = ("shifted", "grid")
 PAD_MODES = ("replicate", "zeros")
-FA_PRIORS = ("mind", "none")
+FA_PRIORS = ("mind_affine", "mind", "none")
 # What a checkpoint written before a field existed was built with: `from_dict` fills a missing field from here, so
 # older weights rebuild the network they were trained as (new configs get the dataclass defaults).
 LEGACY = dict(dhat="joint", moda_pairs="grid", fa_window_kind="blocks", fa_direct=False, fa_head_init=0.0,
@@ -59,7 +59,7 @@ class UniFuseConfig:
     fa_direct:bool=True        # φ at 1/Q = the RegBLKs' attention displacements (weighted, finest first at 1) + the head's correction
     fa_head_init:float=1e-3    # std of the last layer of FA's head at initialisation (0: φ starts exactly at 0)
     fa_feature_grad:float=1.0  # share of L_reg's gradient that FA passes back into DAPL and OUFR (0: their features are L_moda's alone)
-    fa_prior:str="mind"        # FA's structural prior: "mind" (block matching of MIND descriptors of the two images, a start for φ) or "none"
+    fa_prior:str="mind_affine" # FA's start for φ from the two images' MIND descriptors: "mind_affine" (block matching, an affine fit, a second local matching), "mind" (block matching alone) or "none"
     fa_prior_cube:int=5        # side of the cube of tokens the prior's matching costs are averaged over (odd)
     ufrf_channels:tuple=(8, 16, 32, 64, 96)  # widths of UFR&F's U-Net levels, full resolution first
     ufrf_head_dim:int=48       # channels per attention head in BaseNet: heads = max(1, c // ufrf_head_dim)

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
-from .spatial import resize_flow
+from .spatial import resize_flow, warp
 from .layers import Conv3d, on_fast_path, to_cl
 
 # %% auto #0
 __all__ = ['ChannelNorm', 'PromptMLP', 'window_cross_attention', 'neighbourhood_attention', 'ConvFFN', 'max_level', 'RegBLK',
-           'mind', 'token_patches', 'offsets', 'cost_volume', 'mind_prior', 'FA', 'reg_loss']
+           'mind', 'token_patches', 'offsets', 'cost_volume', 'mind_prior', 'affine_fit', 'mind_affine_prior', 'FA',
+           'reg_loss']
 
 # %% ../nbs/30_fa.ipynb #d7cda776
 class ChannelNorm(nn.Module):
@@ -252,6 +253,7 @@ def mind_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
                radius:int=2, # search ±radius tokens
                cube:int=5, # matching costs averaged over cube³ tokens (block matching)
                tau:float=0.05, # soft-argmax temperature on the cosines
+               return_spread:bool=False, # also return each token's spread: the variance of the soft-argmax, tokens²
               ) -> Tensor: # φ_prior (B, 3, D/q, H/q, W/q) in 1/Q voxels: where each token of I_R is found in I'_D
     "A parameter-free first guess of φ_D→R at 1/Q: MIND patches of I_R matched against those of I'_D, costs averaged over a cube, soft-argmax."
     x = torch.cat([ref, deg]).float()
@@ -260,7 +262,55 @@ def mind_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
     if cube > 1:                                                            # mean over the cube's cells inside the grid
         r, ones = cube // 2, c.new_ones(1, 1, *c.shape[2:])
         c = F.avg_pool3d(F.pad(c, (r,) * 6), cube, 1) / F.avg_pool3d(F.pad(ones, (r,) * 6), cube, 1)   # any grid size
-    return torch.einsum("bkdhw,kc->bcdhw", (c / tau).softmax(1), offsets(radius, c.device))
+    p, o = (c / tau).softmax(1), offsets(radius, c.device)
+    u = torch.einsum("bkdhw,kc->bcdhw", p, o)                               # the expected offset
+    if not return_spread: return u
+    return u, (torch.einsum("bkdhw,kc->bcdhw", p, o ** 2) - u ** 2).sum(1, keepdim=True).clamp_min(0)
+
+def affine_fit(flow:Tensor, # (B, 3, d, h, w) displacements in voxels of their grid
+               weight:Tensor, # (B, 1, d, h, w) ≥ 0: how much each cell's displacement counts
+               ridge:float=1e-3, # pulls the fit towards φ = 0 where the weights say little (a blank volume gives 0)
+               robust:int=0, # reweighting rounds: cells far from the fit count less, w / (1 + |residual|² / scale²)
+               scale:float=0.5, # residual that halves a cell's weight, in voxels of the grid
+              ) -> Tensor: # (B, 3, d, h, w): the weighted least-squares affine field A·p + t
+    "The affine displacement field closest to `flow` in weighted least squares (with `robust` > 0: iteratively reweighted, so outliers count little), one per batch item."
+    B, _, d, h, w = flow.shape
+    g = torch.stack(torch.meshgrid(*[torch.arange(n, device=flow.device, dtype=torch.float64) - (n - 1) / 2
+                                     for n in (d, h, w)], indexing="ij"))   # (3, d, h, w) centred cell coordinates
+    X = torch.cat([g.reshape(3, -1), g.new_ones(1, d * h * w)]).T           # (N, 4): p and 1
+    Y = flow.double().reshape(B, 3, -1).transpose(1, 2)                     # (B, N, 3)
+    W0 = weight.double().reshape(B, -1, 1)                                  # (B, N, 1)
+    eye = torch.eye(4, dtype=torch.float64, device=flow.device)
+    Wt = W0
+    for _ in range(robust + 1):
+        XtW = (X * Wt).transpose(1, 2)                                      # (B, 4, N)
+        lam = ridge * (Wt.sum((1, 2)) + 1e-6)[:, None, None] * eye
+        A = torch.linalg.solve(XtW @ X + lam, XtW @ Y)                      # (B, 4, 3)
+        Wt = W0 / (1 + (Y - X @ A).pow(2).sum(-1, keepdim=True) / scale ** 2)   # for the next round
+    return (X @ A).transpose(1, 2).reshape(B, 3, d, h, w).to(flow.dtype)
+
+@torch.no_grad()
+def mind_affine_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
+                      deg:Tensor, # I'_D (B, 1, D, H, W) on the same grid
+                      q:int, # token side Q
+                      radius:int=2, # first matching: search ±radius tokens
+                      cube:int=5, # affine rounds: matching costs averaged over cube³ tokens
+                      tau:float=0.05, # soft-argmax temperature
+                      rounds:int=2, # affine rounds (the second searches ±1 token around the first)
+                      residual_cube:int=7, # the last, local matching (±1 token, no fit): cube side
+                      level:float=0.05, # foreground: voxels of I_R above this count in the affine fits
+                     ) -> Tensor: # φ_prior (B, 3, D/q, H/q, W/q) in 1/Q voxels
+    "`mind_prior` and a robust affine fit to its matches, `rounds` times on I'_D warped by what is found so far, then one local ±1-token matching; all composed."
+    fg = F.avg_pool3d((ref > level).float(), q)                             # foreground share of each token
+    phi, d2 = None, deg.float()
+    for i in range(rounds + 1):
+        last = i == rounds
+        u, spread = mind_prior(ref, d2, q, 1 if (i or last) else radius, residual_cube if last else cube, tau,
+                               return_spread=True)                          # (B, 3, d, h, w), (B, 1, d, h, w)
+        step = u if last else affine_fit(u, fg / (spread + 0.1), robust=3)  # confident foreground matches count most
+        phi = step if phi is None else step + warp(phi, step)               # composed: step(p) + φ(p + step(p))
+        if not last: d2 = warp(deg.float(), resize_flow(phi, ref.shape[2:]))   # I'_D moved by what is found so far
+    return phi
 
 # %% ../nbs/30_fa.ipynb #9f827f6d
 class FA(nn.Module):
@@ -277,7 +327,7 @@ class FA(nn.Module):
         self.blocks = nn.ModuleList(RegBLK(c, heads, cfg.fa_window, level=J - 1 - i, shift=bool(i % 2), guide=c,
                                            cosine=cfg.fa_attention == "cosine", radius=radius, pad_mode=cfg.pad_mode)
                                     for i in range(J))
-        self.prior = cfg.fa_prior != "none"                                 # φ_prior: block matching of MIND descriptors
+        self.prior = cfg.fa_prior != "none"                                 # φ_prior: matching of MIND descriptors
         self.head = nn.Sequential(Conv3d(2 * c + 3 * self.prior, c, 3, padding=1, padding_mode=cfg.pad_mode), nn.ReLU(),
                                   Conv3d(c, 3, 1))                          # reads the prior too, so it can correct it
         nn.init.zeros_(self.head[-1].bias)
@@ -292,7 +342,7 @@ class FA(nn.Module):
                 prompt:Tensor, # P̂ (B, Ñ, L, M)
                 size, # full-resolution size (D, H, W) of the flow to return
                 return_coarse:bool=False, # also return φ at 1/Q (in voxels of the 1/Q grid)
-                images:tuple|None=None, # (I_R, I'_D) grey (B, 1, D, H, W) on the grid the features come from: for `fa_prior="mind"`
+                images:tuple|None=None, # (I_R, I'_D) grey (B, 1, D, H, W) on the grid the features come from: for `fa_prior` "mind" or "mind_affine"
                ): # φ_D→R (B, 3, D, H, W) in voxels; with `return_coarse` a pair (φ, φ at 1/Q)
         M = self.cfg.embed_dim
         if fbar_d.ndim != 5 or fbar_d.shape != fbar_r.shape or fbar_d.shape[1] != M:
@@ -320,7 +370,7 @@ class FA(nn.Module):
         "The prior's φ at 1/Q, with the images checked against the features' grid."
         cfg = self.cfg
         if images is None or len(images) != 2:
-            raise ValueError("FA: fa_prior='mind' needs images=(I_R, I'_D), the grey volumes the features were computed from; "
+            raise ValueError(f"FA: fa_prior={cfg.fa_prior!r} needs images=(I_R, I'_D), the grey volumes the features were computed from; "
                              "pass them, or build FA with UniFuseConfig(fa_prior='none')")
         ref, deg = images
         want = tuple(int(s) * cfg.patch for s in grid)
@@ -328,6 +378,7 @@ class FA(nn.Module):
             if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != want:
                 raise ValueError(f"FA: images must be grey (B, 1, D, H, W) volumes on the features' grid ×Q = {want}; "
                                  f"{name} is {tuple(x.shape)}")
+        if cfg.fa_prior == "mind_affine": return mind_affine_prior(ref, deg, cfg.patch, cfg.fa_radius, cfg.fa_prior_cube)
         return mind_prior(ref, deg, cfg.patch, cfg.fa_radius, cfg.fa_prior_cube)
 
 # %% ../nbs/30_fa.ipynb #1db69170
