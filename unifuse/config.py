@@ -59,7 +59,7 @@ class UniFuseConfig:
     fa_direct:bool=True        # φ at 1/Q = the RegBLKs' attention displacements (weighted, finest first at 1) + the head's correction
     fa_head_init:float=1e-3    # std of the last layer of FA's head at initialisation (0: φ starts exactly at 0)
     fa_feature_grad:float=1.0  # share of L_reg's gradient that FA passes back into DAPL and OUFR (0: their features are L_moda's alone)
-    fa_prior:str="mind_affine" # FA's start for φ from the two images' MIND descriptors: "mind_affine" (block matching, an affine fit, a second local matching), "mind" (block matching alone) or "none"
+    fa_prior:str="mind_affine" # FA's start for φ from the two images' MIND descriptors: "mind_affine" (block matching, robust affine fits, then a local matching), "mind" (block matching alone) or "none"
     fa_prior_cube:int=5        # side of the cube of tokens the prior's matching costs are averaged over (odd)
     ufrf_channels:tuple=(8, 16, 32, 64, 96)  # widths of UFR&F's U-Net levels, full resolution first
     ufrf_head_dim:int=48       # channels per attention head in BaseNet: heads = max(1, c // ufrf_head_dim)

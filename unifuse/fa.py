@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
-from .spatial import resize_flow, warp
+from .spatial import resize_flow, warp, compose
 from .layers import Conv3d, on_fast_path, to_cl
 
 # %% auto #0
@@ -258,6 +258,10 @@ def mind_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
     "A parameter-free first guess of φ_D→R at 1/Q: MIND patches of I_R matched against those of I'_D, costs averaged over a cube, soft-argmax."
     x = torch.cat([ref, deg]).float()
     a, b = token_patches(mind(x), q).chunk(2)                               # (B, 6·q³, d, h, w) each
+    return _match(a, b, radius, cube, tau, return_spread)
+
+def _match(a, b, radius, cube, tau, return_spread=False):
+    "Soft-argmax block matching of token vectors `a` (I_R) against `b` (I'_D): `mind_prior`'s work after the descriptors."
     c = cost_volume(a, b, radius)                                           # (B, (2r+1)³, d, h, w)
     if cube > 1:                                                            # mean over the cube's cells inside the grid
         r, ones = cube // 2, c.new_ones(1, 1, *c.shape[2:])
@@ -302,13 +306,14 @@ def mind_affine_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
                      ) -> Tensor: # φ_prior (B, 3, D/q, H/q, W/q) in 1/Q voxels
     "`mind_prior` and a robust affine fit to its matches, `rounds` times on I'_D warped by what is found so far, then one local ±1-token matching; all composed."
     fg = F.avg_pool3d((ref > level).float(), q)                             # foreground share of each token
+    a = token_patches(mind(ref.float()), q)                                 # I_R's descriptors, once for every round
     phi, d2 = None, deg.float()
     for i in range(rounds + 1):
         last = i == rounds
-        u, spread = mind_prior(ref, d2, q, 1 if (i or last) else radius, residual_cube if last else cube, tau,
-                               return_spread=True)                          # (B, 3, d, h, w), (B, 1, d, h, w)
+        u, spread = _match(a, token_patches(mind(d2), q), 1 if (i or last) else radius,
+                           residual_cube if last else cube, tau, return_spread=True)   # (B, 3, d, h, w), (B, 1, d, h, w)
         step = u if last else affine_fit(u, fg / (spread + 0.1), robust=3)  # confident foreground matches count most
-        phi = step if phi is None else step + warp(phi, step)               # composed: step(p) + φ(p + step(p))
+        phi = step if phi is None else compose(phi, step)                   # step(p) + φ(p + step(p))
         if not last: d2 = warp(deg.float(), resize_flow(phi, ref.shape[2:]))   # I'_D moved by what is found so far
     return phi
 
