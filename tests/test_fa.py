@@ -5,8 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from unifuse.config import UniFuseConfig
 from unifuse.fa import (FA, RegBLK, window_cross_attention, neighbourhood_attention, reg_loss, max_level, mind, mind_prior,
-                        token_patches, cost_volume, offsets, affine_fit, mind_affine_prior)
-from unifuse.spatial import warp, affine_flow, rotation_matrix
+                        token_patches, cost_volume, offsets, affine_fit, mind_affine_prior, match_score)
+from unifuse.spatial import warp, affine_flow, rotation_matrix, resize_flow
 
 
 def _inputs(cfg, grid=(8, 8, 8), B=2, seed=0):
@@ -277,3 +277,55 @@ def test_mind_affine_prior_follows_a_rotation_across_contrasts():
     zero, block, affine = err(0 * gt), err(mind_prior(ref, deg, q, 2, 5)), err(mind_affine_prior(ref, deg, q))
     assert mind_affine_prior(ref, deg, q).shape == (1, 3, 12, 12, 12)
     assert affine < block and affine < 0.35 * zero, (zero, block, affine)
+
+
+def _textured_ball(n, centre, radius, seed):
+    g = torch.Generator().manual_seed(seed)
+    tex = F.avg_pool3d(torch.rand(1, 1, n, n, n, generator=g), 5, 1, 2)
+    tex = (tex - tex.min()) / (tex.max() - tex.min())
+    r = torch.arange(n, dtype=torch.float32)
+    d2 = sum((x - c) ** 2 for x, c in zip(torch.meshgrid(r, r, r, indexing="ij"), centre))
+    return (0.3 + 0.7 * tex) * (d2 < radius ** 2).float()[None, None]
+
+
+def test_match_score_is_the_weighted_mean_cosine():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 8, 3, 3, 3, generator=g), torch.randn(2, 8, 3, 3, 3, generator=g)
+    w = torch.rand(2, 1, 3, 3, 3, generator=g)
+    assert torch.allclose(match_score(a, a, w), torch.ones(2))
+    assert torch.allclose(match_score(a, -a, w), -torch.ones(2))
+    cos = F.cosine_similarity(a, b, dim=1)[:, None]
+    assert torch.allclose(match_score(a, b, w), (cos * w).sum((1, 2, 3, 4)) / w.sum((1, 2, 3, 4)), atol=1e-6)
+
+
+def test_mind_affine_prior_guard_bounds_the_background_and_never_matches_worse():
+    "A small textured ball in a corner of the volume: unguarded, the affine fit extrapolates into the empty rest; guarded, |φ| stays within its foreground's largest."
+    n, q = 48, 4
+    ref = _textured_ball(n, (12, 12, 12), 9, seed=4)
+    phi = affine_flow(rotation_matrix(torch.tensor([[0.12, -0.08, 0.1]])), torch.tensor([[2.0, -3.0, 2.0]]), (n,) * 3)
+    deg = 1 - warp(ref, -phi)                                                # moved and contrast-inverted (the ball's outside too)
+    fg = F.avg_pool3d((ref > 0.05).float(), q) > 0
+    guarded, free = mind_affine_prior(ref, deg, q), mind_affine_prior(ref, deg, q, guard=False)
+    cap = float(guarded.norm(dim=1)[fg[:, 0]].max())
+    assert float(guarded.norm(dim=1).max()) <= cap + 1e-4
+    assert float(free.norm(dim=1).max()) > cap + 0.5                         # the case the guard is for
+    other = _textured_ball(n, (30, 30, 30), 14, seed=5)                      # I'_D unrelated to I_R: no round may match worse
+    u = mind_affine_prior(ref, other, q)
+    a, b0 = token_patches(mind(ref), q), token_patches(mind(other), q)
+    b1 = token_patches(mind(warp(other, resize_flow(u, (n,) * 3))), q)
+    w = F.avg_pool3d((ref > 0.05).float(), q)
+    assert float(match_score(a, b1, w)) >= float(match_score(a, b0, w)) - 1e-6
+
+
+def test_cost_volume_is_the_direct_definition():
+    "The blocked matrix-product cost volume against cos(a(p), b(p + o)) computed offset by offset, edges replicated."
+    g = torch.Generator().manual_seed(0)
+    for shape, r in (((2, 7, 5, 6, 9), 1), ((1, 5, 8, 8, 8), 2), ((1, 3, 3, 2, 5), 2)):
+        a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        an, bn = F.normalize(a, dim=1), F.normalize(b, dim=1)
+        d, h, w = shape[2:]
+        bp = F.pad(bn, (r,) * 6, mode="replicate")
+        want = torch.stack([(an * bp[:, :, r + i:r + i + d, r + j:r + j + h, r + k:r + k + w]).sum(1)
+                            for i, j, k in offsets(r).long().tolist()], 1)
+        got = cost_volume(a, b, r)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), (shape, r)

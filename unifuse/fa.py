@@ -18,8 +18,8 @@ from .layers import Conv3d, on_fast_path, to_cl
 
 # %% auto #0
 __all__ = ['ChannelNorm', 'PromptMLP', 'window_cross_attention', 'neighbourhood_attention', 'ConvFFN', 'max_level', 'RegBLK',
-           'mind', 'token_patches', 'offsets', 'cost_volume', 'mind_prior', 'affine_fit', 'mind_affine_prior', 'FA',
-           'reg_loss']
+           'mind', 'token_patches', 'offsets', 'cost_volume', 'mind_prior', 'affine_fit', 'match_score',
+           'mind_affine_prior', 'FA', 'reg_loss']
 
 # %% ../nbs/30_fa.ipynb #d7cda776
 class ChannelNorm(nn.Module):
@@ -238,13 +238,23 @@ def offsets(radius:int, device=None) -> Tensor:
 def cost_volume(a:Tensor, # (B, C, d, h, w): what looks
                 b:Tensor, # (B, C, d, h, w): where it looks (edges replicated)
                 radius:int, # offsets up to this many cells along each axis
+                block:int=4, # cells per side of the blocks that are matched at once
                ) -> Tensor: # (B, (2r+1)³, d, h, w): cos(a(p), b(p + o)) for every offset o of `offsets(radius)`
-    "Cosine similarity of each cell of `a` with the cells of `b` around it."
+    "Cosine similarity of each cell of `a` with the cells of `b` around it: each block of cells against its neighbourhood as one matrix product."
     a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    r, (d, h, w) = radius, a.shape[2:]
-    bp = F.pad(b, (r,) * 6, mode="replicate")
-    return torch.stack([(a * bp[:, :, r + i:r + i + d, r + j:r + j + h, r + k:r + k + w]).sum(1)
-                        for i, j, k in offsets(r).long().tolist()], 1)
+    r, s, (B, C, d, h, w) = radius, block, a.shape
+    pad = ((-w) % s, (-h) % s, (-d) % s)                                    # the grid up to a multiple of the block
+    a = F.pad(a, (0, pad[0], 0, pad[1], 0, pad[2]))
+    bp = F.pad(F.pad(b, (r,) * 6, mode="replicate"), (0, pad[0], 0, pad[1], 0, pad[2]), mode="replicate")
+    nd, nh, nw, m = a.shape[2] // s, a.shape[3] // s, a.shape[4] // s, s + 2 * r   # blocks; their neighbourhood's side
+    ab = a.reshape(B, C, nd, s, nh, s, nw, s).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, s ** 3, C)
+    bb = bp.unfold(2, m, s).unfold(3, m, s).unfold(4, m, s).permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(B, -1, C, m ** 3)
+    sim = ab @ bb                                                           # (B, blocks, s³, m³): every pair within reach
+    cell = torch.stack(torch.meshgrid(*[torch.arange(s, device=a.device)] * 3, indexing="ij"), -1).reshape(-1, 1, 3)
+    q = cell + offsets(r, a.device).long()[None] + r                        # (s³, K, 3): p + o inside the neighbourhood
+    cv = torch.take_along_dim(sim, ((q[..., 0] * m + q[..., 1]) * m + q[..., 2])[None, None], 3)   # (B, blocks, s³, K)
+    cv = cv.reshape(B, nd, nh, nw, s, s, s, -1).permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, nd * s, nh * s, nw * s)
+    return cv[:, :, :d, :h, :w]
 
 @torch.no_grad()
 def mind_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
@@ -293,6 +303,14 @@ def affine_fit(flow:Tensor, # (B, 3, d, h, w) displacements in voxels of their g
         Wt = W0 / (1 + (Y - X @ A).pow(2).sum(-1, keepdim=True) / scale ** 2)   # for the next round
     return (X @ A).transpose(1, 2).reshape(B, 3, d, h, w).to(flow.dtype)
 
+def match_score(a:Tensor, # I_R's token vectors (B, C, d, h, w), from `token_patches(mind(I_R), q)`
+                b:Tensor, # I'_D's token vectors on the same grid
+                weight:Tensor, # (B, 1, d, h, w) ≥ 0: how much each token counts (I_R's foreground share)
+               ) -> Tensor: # (B,) weighted mean cosine of the tokens
+    "How well I'_D (as warped) matches I_R: the weighted mean cosine of their MIND token vectors."
+    c = (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1, keepdim=True)
+    return (c * weight).sum((1, 2, 3, 4)) / weight.sum((1, 2, 3, 4)).clamp_min(1e-6)
+
 @torch.no_grad()
 def mind_affine_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
                       deg:Tensor, # I'_D (B, 1, D, H, W) on the same grid
@@ -303,18 +321,28 @@ def mind_affine_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
                       rounds:int=2, # affine rounds (the second searches ±1 token around the first)
                       residual_cube:int=7, # the last, local matching (±1 token, no fit): cube side
                       level:float=0.05, # foreground: voxels of I_R above this count in the affine fits
+                      guard:bool=True, # keep a round only if it raises `match_score`; cap |φ| at its largest over I_R's foreground
                      ) -> Tensor: # φ_prior (B, 3, D/q, H/q, W/q) in 1/Q voxels
-    "`mind_prior` and a robust affine fit to its matches, `rounds` times on I'_D warped by what is found so far, then one local ±1-token matching; all composed."
+    "`mind_prior` and a robust affine fit to its matches, `rounds` times on I'_D warped by what is found so far, then one local ±1-token matching; all composed, each round kept only where it improves the match."
     fg = F.avg_pool3d((ref > level).float(), q)                             # foreground share of each token
     a = token_patches(mind(ref.float()), q)                                 # I_R's descriptors, once for every round
-    phi, d2 = None, deg.float()
+    b = token_patches(mind(deg.float()), q)                                 # I'_D's, as warped so far
+    phi, score = None, match_score(a, b, fg)
     for i in range(rounds + 1):
         last = i == rounds
-        u, spread = _match(a, token_patches(mind(d2), q), 1 if (i or last) else radius,
-                           residual_cube if last else cube, tau, return_spread=True)   # (B, 3, d, h, w), (B, 1, d, h, w)
+        u, spread = _match(a, b, 1 if (i or last) else radius, residual_cube if last else cube, tau, return_spread=True)
         step = u if last else affine_fit(u, fg / (spread + 0.1), robust=3)  # confident foreground matches count most
-        phi = step if phi is None else compose(phi, step)                   # step(p) + φ(p + step(p))
-        if not last: d2 = warp(deg.float(), resize_flow(phi, ref.shape[2:]))   # I'_D moved by what is found so far
+        new = step if phi is None else compose(phi, step)                   # step(p) + φ(p + step(p))
+        if guard:                                                           # an affine field extrapolates without bound:
+            n = new.norm(dim=1, keepdim=True)                               # no longer than anywhere over the foreground
+            cap = (n * (fg > 0)).amax((2, 3, 4), keepdim=True)
+            new = new * (cap / n.clamp_min(1e-6)).clamp(max=1)
+        b_new = token_patches(mind(warp(deg.float(), resize_flow(new, ref.shape[2:]))), q)   # I'_D moved by all found so far
+        s_new = match_score(a, b_new, fg)
+        keep = s_new > score if guard else torch.ones_like(s_new, dtype=torch.bool)   # a round that matches worse is dropped
+        if phi is None: phi = torch.zeros_like(new)
+        k = keep.view(-1, 1, 1, 1, 1)
+        phi, b, score = torch.where(k, new, phi), torch.where(k, b_new, b), torch.where(keep, s_new, score)
     return phi
 
 # %% ../nbs/30_fa.ipynb #9f827f6d
