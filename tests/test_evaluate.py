@@ -115,7 +115,7 @@ def test_cli_with_a_tiny_random_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_cli_with_a_reader(tmp_path):
-    from unifuse.data import fake_tree
+    from fakes import fake_tree
     root = fake_tree(tmp_path / "brats", "brats2020", n=4, size=24)
     out = tmp_path / "out"
     assert E.main(["--dataset", "brats2020", "--root", str(root), "--n", "1", "--size", "24", "--fusion", "average",

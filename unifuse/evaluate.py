@@ -17,6 +17,8 @@ from .files import atomic_path, write_json, write_text, sweep
 from .metrics import (fusion_metrics, alignment_metrics, dice, folding_fraction, warp_labels,
                              invert_flow, count_flops, count_params)
 from .spatial import warp
+from .device import resolve_device
+
 
 # %% auto #0
 __all__ = ['TV_WEIGHT', 'FUSION_RULES', 'FUSION_COLS', 'ALIGN_COLS', 'MIN_SIZE', 'READERS', 'restore_tv', 'restore', 'register',
@@ -516,18 +518,9 @@ def _check_out(out:Path, overwrite:bool):
             _fail(f"--out {out}: holds an earlier evaluation; pass --overwrite to replace it whole, or choose another --out")
 
 def _check_device(device:str) -> torch.device:
-    try: dev = torch.device(device)
-    except (RuntimeError, ValueError): _fail(f"--device {device}: not a device torch knows; expected e.g. cpu, cuda or cuda:1")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            _fail(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
-                  f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 …)")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        _fail(f"--device {device}: MPS is not available on this machine; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"): _fail(f"--device {device}: expected cpu, cuda or mps")
-    return dev
+    try: return resolve_device(device)
+    except ValueError as e: _fail(str(e))
+
 
 # %% ../nbs/65_evaluate.ipynb #b8dcc7ad
 def write_evaluation(res:dict, # what `evaluate` returns

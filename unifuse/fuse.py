@@ -14,20 +14,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from .data import TASKS, CT_WINDOW, load_nifti, to_canonical, normalize, resample_pair, orientation, gaussian_blur
+from .data import TASKS, gaussian_blur
+from .nifti import CT_WINDOW, load_nifti, to_canonical, normalize, resample_pair, orientation, from_canonical, flow_to_canonical, spacing_of
 from .degrade import CLASSES, TASKS as DEGRADATION
 from .colour import colourise, PET_CMAP
 from .files import atomic_path, check_writable
 from .spatial import warp, resize_flow, jacobian_det, compose
 from .model import UniFuse
+from .device import resolve_device
+
 
 # %% auto #0
 __all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'SOFT_TISSUE_HU', 'PREALIGN', 'MIN_SIDE', 'MI_BINS', 'MIN_MI',
-           'SUMMARY_COLUMNS', 'FuseWarning', 'ct_units', 'normalise_input', 'from_canonical', 'spacing_of',
-           'model_spacing', 'spacing_plan', 'resize_volume', 'memory_estimate', 'available_memory', 'plan_windows',
-           'fuse_volume', 'degradation_report', 'folding', 'prealign_rigid', 'fuse_prealigned', 'fuse_arrays',
-           'write_outputs', 'resolve_device', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv', 'main',
-           'flow_to_canonical']
+           'SUMMARY_COLUMNS', 'FuseWarning', 'ct_units', 'normalise_input', 'model_spacing', 'spacing_plan',
+           'resize_volume', 'memory_estimate', 'available_memory', 'plan_windows', 'fuse_volume', 'degradation_report',
+           'folding', 'prealign_rigid', 'fuse_prealigned', 'fuse_arrays', 'write_outputs', 'load_model', 'fuse_files',
+           'read_pairs', 'fuse_csv', 'main']
 
 # %% ../nbs/80_fuse.ipynb #9fb914cc
 NORMS = ("auto", "hu", "percentile", "none")  # the choices of --ref-norm / --deg-norm
@@ -137,37 +139,6 @@ def normalise_input(vol, # (D, H, W) intensities as stored (HU, SUV, scanner uni
         out = np.clip(arr, 0, 1)
         note = "taken as stored (already in [0, 1])" if how == "auto" else "taken as stored ('none'), clipped to [0, 1]"
     return np.ascontiguousarray(out, dtype=np.float32), f"{modality}: {note}"
-
-# %% ../nbs/80_fuse.ipynb #2679e1a8
-def _ornt_back(affine) -> np.ndarray:
-    "The orientation transform from RAS voxel order back to the voxel order of `affine`."
-    ornt = nib.orientations.io_orientation(np.asarray(affine, np.float64))
-    return nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-
-def from_canonical(vol, # (..., X, Y, Z) array in RAS voxel order (what `to_canonical` made of a volume on `affine`)
-                   affine, # (4, 4) the original voxel → world affine to return to
-                   vector:bool=False, # `vol` is a (3, X, Y, Z) displacement in voxels: reorder and flip its components too
-                  ) -> np.ndarray: # (..., X', Y', Z') in the voxel order of `affine`
-    "Undo `unifuse.data.to_canonical`: back to the voxel order of `affine` (volumes, or displacement fields)."
-    arr = np.asarray(vol)
-    if vector and (arr.ndim != 4 or arr.shape[0] != 3):
-        raise ValueError(f"vol: a displacement field must be (3, X, Y, Z), got {arr.shape}")
-    tr = _ornt_back(affine)
-    if np.array_equal(tr, [[0, 1], [1, 1], [2, 1]]): return arr
-    lead = arr.ndim - 3
-    a = np.moveaxis(arr, list(range(lead)), list(range(-lead, 0))) if lead else arr   # spatial axes first
-    a = nib.orientations.apply_orientation(a, tr)
-    out = np.moveaxis(a, list(range(-lead, 0)), list(range(lead))) if lead else a
-    if vector:
-        comp = np.empty_like(out)
-        for k, (j, flip) in enumerate(tr.astype(int)): comp[j] = flip * out[k]   # canonical axis k is original axis j
-        out = comp
-    return np.ascontiguousarray(out)
-
-def spacing_of(affine, # (4, 4) voxel → world
-              ) -> np.ndarray: # (3,) mm
-    "Voxel size in mm along each voxel axis: the lengths of the affine's columns."
-    return np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
 
 # %% ../nbs/80_fuse.ipynb #e4416403
 def model_spacing(model, # a UniFuse model (anything with a `meta` dict)
@@ -587,27 +558,11 @@ def write_outputs(items:list, # [(path, nibabel image), …]
     return [Path(p) for p, _ in items]
 
 # %% ../nbs/80_fuse.ipynb #ee6aa00d
-def resolve_device(device=None, # None or "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1" …
-                  ) -> torch.device:
-    "A device that exists here, or a clear error."
-    if device is None or device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try: d = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device={device!r}: not a device name; expected 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available here (torch {torch.__version__}, no usable GPU); "
-                             "use device 'cpu'")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif d.type != "cpu": raise ValueError(f"device={device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return d
-
 def load_model(checkpoint=None, # a `UniFuse.save` file or a training checkpoint; None: the weights that ship
                device=None, # see `resolve_device`
               ) -> UniFuse: # in eval mode, on `device`
     "The model to fuse with, on its device; missing or unreadable checkpoints raise with a clear message."
-    dev = resolve_device(device)
+    dev = resolve_device(device, "device=")
     if checkpoint is None:
         try: model = UniFuse.pretrained(map_location="cpu")
         except FileNotFoundError:
@@ -933,17 +888,3 @@ def main(argv:list|None=None, # the arguments (default: the command line)
     except KeyboardInterrupt:
         print("unifuse-fuse: interrupted; no output of the pair in progress was written", file=sys.stderr)
         return 130
-
-# %% ../nbs/80_fuse.ipynb #7ac36d92
-def flow_to_canonical(flow, # (3, X, Y, Z) displacement in the voxels of `affine`'s grid (as `--flow` writes it)
-                      affine, # (4, 4) that grid's voxel → world affine
-                     ) -> np.ndarray: # (3, X', Y', Z') in RAS voxel order, components along the RAS voxel axes
-    "The inverse of `from_canonical(..., vector=True)`: a displacement field as `to_canonical` orders volumes."
-    arr = np.asarray(flow)
-    if arr.ndim != 4 or arr.shape[0] != 3: raise ValueError(f"flow: expected (3, X, Y, Z), got {arr.shape}")
-    out, _ = to_canonical(arr, affine)
-    tr = nib.orientations.ornt_transform(nib.orientations.io_orientation(np.asarray(affine, np.float64)),
-                                         nib.orientations.axcodes2ornt("RAS"))
-    comp = np.empty_like(out)
-    for j, (k, flip) in enumerate(tr.astype(int)): comp[k] = flip * out[j]  # the file's axis j is RAS axis k
-    return np.ascontiguousarray(comp)
