@@ -27,11 +27,12 @@ from .runlog import RunLog
 from .recipe import physical_ranges  # noqa: F401  (public import paths: these lived here before)
 from .pool import builtin_grid  # noqa: F401
 from .device import resolve_device
+from .cli import Parser, UserError, one_line, run, user_input
 
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'validation_set', 'validate', 'heldout_set', 'alignment_check', 'rng_state', 'set_rng_state',
-           'load_training_checkpoint', 'TrainingStopped', 'make_reader', 'Trainer', 'check_out', 'train',
+           'load_training_checkpoint', 'TrainingStopped', 'make_reader', 'Trainer', 'check_out', 'prepare_run', 'train',
            'config_from_args', 'main']
 
 # %% ../nbs/90_train.ipynb #9ab664ed
@@ -600,6 +601,14 @@ def check_out(out, # the run's folder
                                  f"choose another --out")
     return "overwrite"
 
+def prepare_run(out:Path, # the run's folder
+                what:str, # `check_out`'s verdict: "new", "resume" or "overwrite"
+                cfg:TrainConfig):
+    "Make the run's folder: an overwritten run's files go, and a new run writes config.json (a resumed run keeps its own)."
+    if what == "overwrite": _clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if what != "resume": write_json(out / "config.json", cfg.to_dict())
+
 def _clear_run(out:Path):
     import shutil
     for name in RUN_FILES:
@@ -625,10 +634,7 @@ def train(cfg:TrainConfig|str="tiny", # a TrainConfig or a preset name
     if isinstance(cfg, str): cfg = TrainConfig.preset(cfg, **overrides)
     elif overrides: cfg = cfg.replace(**overrides)
     rank = _dist()[0]
-    if out is not None and rank == 0:
-        if not resume and what == "overwrite": _clear_run(Path(out))
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(out) / "config.json", cfg.to_dict())
+    if out is not None and rank == 0: prepare_run(Path(out), what, cfg)
     t = Trainer(cfg, out, device=device, pool_dir=pool_dir, resume=resume, init=init, progress=progress,
                 on_batch=on_batch, resume_checkpoint=ck)
     try: t.run()
@@ -636,15 +642,10 @@ def train(cfg:TrainConfig|str="tiny", # a TrainConfig or a preset name
     return t
 
 # %% ../nbs/90_train.ipynb #c312c98d
-class _UsageError(Exception): pass
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message): raise _UsageError(message)
-
 _RUNTIME = {"workers", "compile", "max_bad_steps", "log_every", "val_every", "ckpt_every"}  # may change on --resume
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="unifuse-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog="unifuse-train", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Train UniFuse (§4.2 of the paper: AdamW, cosine schedule, clipping at 1, Eq. 15) on the built-in "
                             "heads or a dataset reader, on a CPU, a GPU, or several (torchrun). Writes OUT/checkpoint.pt, "
                             "best.pt, train.log, metrics.csv, progress.png, previews/ and tb/.",
@@ -684,7 +685,7 @@ def _parser() -> argparse.ArgumentParser:
 def _kv(items:list, flag:str) -> dict:
     out = {}
     for s in items:
-        if "=" not in s: raise _UsageError(f"{flag} {s!r}: expected KEY=VALUE")
+        if "=" not in s: raise UserError(f"{flag} {s!r}: expected KEY=VALUE")
         k, v = s.split("=", 1)
         try: out[k.strip()] = ast.literal_eval(v)
         except (ValueError, SyntaxError): out[k.strip()] = v
@@ -729,8 +730,9 @@ def _epochs_to_steps(cfg:TrainConfig, epochs:float) -> int:
     pairs = len(make_reader(cfg)) if cfg.dataset != "builtin" else cfg.pool_size * len(cfg.tasks)
     return max(1, math.ceil(epochs * math.ceil(pairs / cfg.batch)))
 
-def _fail(msg:str, code:int=2) -> int:
-    if _dist()[0] == 0: print(f"unifuse-train: error: {' '.join(str(msg).split())}", file=sys.stderr)
+def _stop(msg:str, code:int) -> int:
+    "A run that ends early but is not the user's mistake (status 1, or 130 on Ctrl-C): one line from rank 0."
+    if _dist()[0] == 0: print(f"unifuse-train: {one_line(msg)}", file=sys.stderr)
     return code
 
 def _init_distributed():
@@ -748,35 +750,29 @@ def _barrier_all():
     if dist.is_available() and dist.is_initialized(): dist.barrier()
 
 # %% ../nbs/90_train.ipynb #249373fb
-def main(argv=None) -> int:
-    "Command line entry point of `unifuse-train` (also `torchrun ... -m unifuse.train`)."
-    try: a = _parser().parse_args(argv)
-    except _UsageError as e: return _fail(e)
+def _train(argv) -> int:
+    "The body of `unifuse-train`: everything read from the user is checked (inside `user_input()`) before a file is written."
+    a = _parser().parse_args(argv)
     if a.device == "cpu": os.environ["UNIFUSE_DEVICE"] = "cpu"
     started = _init_distributed()
     try:
-        try:
+        with user_input(ValueError, FileNotFoundError):
             what = check_out(a.out, a.resume, a.overwrite)
             if what == "resume" and a.init is not None:
-                raise ValueError("--init starts a new run from a checkpoint's weights; --resume continues the run in OUT: give one")
+                raise UserError("--init starts a new run from a checkpoint's weights; --resume continues the run in OUT: give one")
             ck = load_training_checkpoint(a.out / "checkpoint.pt") if what == "resume" else None
             if a.init is not None:
-                if not a.init.is_file(): raise FileNotFoundError(f"--init {a.init}: no such file")
+                if not a.init.is_file(): raise UserError(f"--init {a.init}: no such file")
                 UniFuse.load(a.init)                                  # readable, and a UniFuse model
             cfg = config_from_args(a, ck["train"]["config"] if ck else None)
             if cfg.dataset != "builtin":
                 if not Path(cfg.root).exists():
-                    raise FileNotFoundError(f"--root {cfg.root}: no such {'file' if cfg.dataset == 'csv' else 'folder'}")
+                    raise UserError(f"--root {cfg.root}: no such {'file' if cfg.dataset == 'csv' else 'folder'}")
                 make_reader(cfg)                                      # finds the subjects, or says what is wrong
             resolve_device(a.device)
-        except (_UsageError, ValueError, TypeError, FileNotFoundError) as e:
-            return _fail(e)
         _barrier_all()                                                # every process has checked before one writes
         fresh = not a.out.exists()                                    # made by this command (removed again if it fails to start)
-        if _dist()[0] == 0:
-            if what == "overwrite": _clear_run(a.out)
-            a.out.mkdir(parents=True, exist_ok=True)
-            if what != "resume": write_json(a.out / "config.json", cfg.to_dict())
+        if _dist()[0] == 0: prepare_run(a.out, what, cfg)
         _barrier_all()
         def undo_start():                                             # a new run that never started leaves no run files
             if what != "resume" and _dist()[0] == 0:
@@ -786,18 +782,18 @@ def main(argv=None) -> int:
             t = Trainer(cfg, a.out, device=a.device, pool_dir=a.pool_dir, resume=what == "resume", init=a.init,
                         progress=not a.quiet, resume_checkpoint=ck)
         except (ValueError, OSError) as e:
-            undo_start(); return _fail(e)
+            undo_start(); raise UserError(one_line(e)) from e
         except KeyboardInterrupt:
             undo_start()
-            return _fail("interrupted while making the data pool (what was made is cached); run the command again", 130)
+            return _stop("interrupted while making the data pool (what was made is cached); run the command again", 130)
         try: t.run()
-        except TrainingStopped as e: return _fail(e, 1)
+        except TrainingStopped as e: return _stop(f"error: {e}", 1)
         except OSError as e:                                          # the disk filled, the folder went away …
             then = (f"the last checkpoint is step {t.last_ckpt_step}: continue with unifuse-train --out {a.out} --resume"
                     if t.last_ckpt_step is not None else f"no checkpoint yet: start again with --overwrite")
-            return _fail(f"{e} (at step {t.step}; {then})")
+            raise UserError(f"{e} (at step {t.step}; {then})") from e
         except KeyboardInterrupt:
-            return _fail(f"interrupted at step {t.step}; the last checkpoint is step {t.last_ckpt_step}: continue with "
+            return _stop(f"interrupted at step {t.step}; the last checkpoint is step {t.last_ckpt_step}: continue with "
                          f"unifuse-train --out {a.out} --resume", 130)
         finally: t.close()
         return 0
@@ -805,6 +801,10 @@ def main(argv=None) -> int:
         if started:
             import torch.distributed as dist
             dist.destroy_process_group()
+
+def main(argv=None) -> int:
+    "Command line entry point of `unifuse-train` (also `torchrun ... -m unifuse.train`): the exit status."
+    return run("unifuse-train", _train, argv, show=lambda: _dist()[0] == 0)
 
 # %% ../nbs/90_train.ipynb #a8f3bf4e
 if __name__ == "__main__" and Path(sys.argv[0]).name == "train.py": sys.exit(main())
