@@ -37,7 +37,8 @@ from torch.utils._pytree import tree_flatten
 try: import unifuse                                                         # installed, or run from the repo root
 except ImportError: sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from unifuse.model import UniFuse, UniFuseConfig
-from unifuse.data import builtin_pair, save_nifti
+from unifuse.data import builtin_pair
+from unifuse.nifti import save_nifti
 from unifuse.degrade import make_batch
 from unifuse.fuse import fuse_files
 

@@ -18,7 +18,8 @@ step over the default setting's idle step (what a user feels).
 The last line printed is one JSON object: per setting the idle and busy ms per step and their ratio.
 """
 from __future__ import annotations
-import argparse, json, os, platform, subprocess, sys
+from machine import cpu_model
+import argparse, json, os, subprocess, sys
 
 CHILD = r'''
 import json, statistics, subprocess, sys, time, torch
@@ -51,13 +52,6 @@ try:
 finally: busy.kill()
 print(json.dumps(dict(threads=torch.get_num_threads(), idle_ms=round(idle, 1), busy_ms=round(loaded, 1), ratio=round(loaded / idle, 2))))
 '''
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"): return line.split(":", 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine()
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])

@@ -44,7 +44,7 @@ def train(out:Path, extra:list) -> Path:
 
 def write_inputs(case:dict, folder:Path, affine:np.ndarray) -> dict:
     "The case as NIfTI files on a RAS grid: REF, DEG (what a user has) and CLEAN (only for scoring)."
-    from unifuse.data import save_nifti
+    from unifuse.nifti import save_nifti
     from unifuse.colour import luma
     t = case["task"]
     paths = {k: folder / f"{t}_{k}.nii.gz" for k in ("ref", "deg", "clean")}

@@ -35,7 +35,7 @@ SCALE = {"MRI-T1": 1000.0, "MRI-T2": 1000.0, "PET": 10.0}    # built-in [0, 1] â
 
 def _on_ref(path, modality, ref_shape, ref_aff):
     "A file normalised as its modality is (`normalise_input`, automatic) and resampled onto REF's grid."
-    from unifuse.data import load_nifti, resample_to
+    from unifuse.nifti import load_nifti, resample_to
     from unifuse.fuse import normalise_input
     vol, aff, _ = load_nifti(path)
     v01 = normalise_input(vol, modality, "auto", str(path))[0]
@@ -64,7 +64,8 @@ def wins(a:dict, b:dict) -> int:
 
 def check_pair(ref, deg, clean_ref, clean_other, task:str, out:Path, checkpoint=None, log=print) -> dict:
     "The three fused volumes of one pair, their scores and whether UniFuse passes the rule."
-    from unifuse.data import TASKS, load_nifti
+    from unifuse.data import TASKS
+    from unifuse.nifti import load_nifti
     from unifuse.evaluate import staged_baseline
     from unifuse.fuse import fuse_files
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,8 @@ def check_pair(ref, deg, clean_ref, clean_other, task:str, out:Path, checkpoint=
 
 def make_standins(out:Path, seed:int=990_000, sizes=(224, 112)) -> list:
     "Stand-in files for the three real pairs: (task, REF, DEG, CLEAN_REF, CLEAN_OTHER) each."
-    from unifuse.data import builtin_pair, builtin_affine, save_nifti, TASKS, CT_WINDOW
+    from unifuse.data import builtin_pair, builtin_affine, TASKS
+    from unifuse.nifti import save_nifti, CT_WINDOW
     from unifuse.degrade import make_batch
     from unifuse.train import TrainConfig, physical_ranges
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 #   - a notebook is not clean (nbdev-clean would change it) or holds widget state / bulky outputs,
 #   - the package is out of sync with the notebooks (nbdev-export would change unifuse/),
 #   - a notebook fails (nbdev-test: cells flagged `slow` or `cuda` are skipped),
-#   - a test in tests/ fails (pytest; its summary line is the last line printed).
+#   - a test in tests/ fails (pytest --slow: every test; its summary line is the last line printed).
+# The quick local loop is `.venv/bin/python -m pytest tests` (tests marked slow skipped).
 # Environment: PYTHON (interpreter for the venv, default python3), UNIFUSE_SKIP_INSTALL=1 (reuse .venv as is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,4 +50,4 @@ step "notebooks (nbdev-test; slow and cuda cells skipped)"
 $V/nbdev-test --timing
 
 step "pytest"
-exec $V/python -m pytest -q -p no:cacheprovider tests
+exec $V/python -m pytest -q -p no:cacheprovider --slow tests

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from unifuse import data as D
+from fakes import fake_tree
 from unifuse import evaluate as E
 from unifuse import metrics as M
 from unifuse import spatial as S
@@ -38,6 +39,7 @@ class Case:
     match: tuple = ()                                # regexes the message must contain: the argument, then the expectation
     check: Callable[[Any], bool] | None = None       # rows that return: a test of the result
     warns: type | None = None                        # a warning expected (its message matches `match`)
+    slow: bool = False                               # seconds, not milliseconds: skipped without --slow
 
 
 @dataclass
@@ -76,15 +78,15 @@ def csv_file(tmp, text, name="pairs.csv", encoding="utf-8"):
     return tmp / name
 
 def brats(tmp, n=2):
-    return D.fake_tree(tmp / "brats", "brats2020", n=n, size=8)
+    return fake_tree(tmp / "brats", "brats2020", n=n, size=8)
 
 def no_ct(tmp):
-    root = D.fake_tree(tmp / "sr", "synthrad2023", n=1, size=8)
+    root = fake_tree(tmp / "sr", "synthrad2023", n=1, size=8)
     next(root.rglob("ct.nii.gz")).unlink()
     return root
 
 def no_pet(tmp):
-    root = D.fake_tree(tmp / "pc", "petct", n=2, size=8)
+    root = fake_tree(tmp / "pc", "petct", n=2, size=8)
     for f in list(root.rglob("SUV.nii.gz")) + list(root.rglob("PET.nii.gz")): f.unlink(); break
     return root
 
@@ -206,9 +208,9 @@ DATA = [
     Case("CSVPairs: unknown task in a line", lambda t: D.CSVPairs(csv_file(t, "reference,other,task\na,b,xray\n")), ValueError, ("line 2", "task='xray'", "one of")),
     Case("CSVPairs: missing file in a line", lambda t: D.CSVPairs(csv_file(t, "reference,other\nnothere.nii.gz,b\n"), task="ct"), FileNotFoundError, ("line 2", "nothere.nii.gz")),
     Case("CSVPairs: too many fields", lambda t: D.CSVPairs(csv_file(t, "reference,other\na,b,c\n"), task="ct"), ValueError, ("line 2", "3 fields", "2 columns")),
-    Case("CSVPairs: BOM and spaces (Excel)", lambda t: D.CSVPairs(csv_file(D.fake_tree(t, "csv", n=1, size=8).parent,
+    Case("CSVPairs: BOM and spaces (Excel)", lambda t: D.CSVPairs(csv_file(fake_tree(t, "csv", n=1, size=8).parent,
          "\ufeffReference, Other, Task\ncase0/t1.nii.gz, case0/ct.nii.gz, ct\n", "x.csv")).items[0]["ref"].name, check=lambda n: n == "t1.nii.gz"),
-    Case("fake_tree: unknown layout", lambda t: D.fake_tree(t, "nifti"), ValueError, ("layout", "brats2020")),
+    Case("fake_tree: unknown layout", lambda t: fake_tree(t, "nifti"), ValueError, ("layout", "brats2020")),
 ]
 
 
@@ -354,7 +356,7 @@ EVAL_CLI = [
     Cli("unifuse-eval: --out under a file", E.main, ["--out", "{tmp}/results/ev"], ("--out", "is a file"), _a_file),
     Cli("unifuse-eval: --out holds an evaluation", E.main, ["--out", "{tmp}/ev"], ("--out", "earlier evaluation", "--overwrite"), _used_out),
     Cli("unifuse-eval: --device cuda without CUDA", E.main, ["--device", "cuda"], ("--device cuda", "CUDA is not available", "--device cpu"), skip=_cuda_here),
-    Cli("unifuse-eval: --device bogus", E.main, ["--device", "gpu0"], ("--device gpu0", "expected e.g. cpu")),
+    Cli("unifuse-eval: --device bogus", E.main, ["--device", "gpu0"], ("--device gpu0", "expected auto, cpu")),
     Cli("unifuse-eval: --checkpoint missing", E.main, ["--checkpoint", "{tmp}/none.pt"], ("--checkpoint", "none.pt", "no such file")),
     Cli("unifuse-eval: --colour with a grey checkpoint", E.main, ["--checkpoint", "{tmp}/grey.pt", "--colour", "hot"],
         ("--colour hot", "grey model", "colour=True"), _grey_model),
@@ -517,7 +519,7 @@ def _killed_and_resumed(tmp):
 # that the resumed run ends bit for bit where an uninterrupted one does.
 TRAIN = [
     Case("unifuse-train: killed, then --resume without --pool-dir (the saved pool is reused; TensorBoard holds each step once)",
-         _killed_and_resumed, check=lambda r: r == (False, list(range(1, 9)))),
+         _killed_and_resumed, check=lambda r: r == (False, list(range(1, 9))), slow=True),
     Case("unifuse-train: a full disk while making the pool (one line; OUT left as it was, so the same command runs again)",
          lambda t: _full_disk_train(t, "pool"), check=lambda r: _one_line(r, "builtin", "disk full") and r[2] == []),
     Case("unifuse-train: a full disk at a checkpoint (one line naming the file, nothing half-written)",
@@ -606,7 +608,8 @@ def _check_message(msg:str, patterns:tuple):
     for p in patterns: assert re.search(p, msg), f"message lacks {p!r}: {msg}"
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if isinstance(r, Case)], ids=lambda r: r.id)
+@pytest.mark.parametrize("row", [pytest.param(r, marks=pytest.mark.slow) if r.slow else r for r in ROWS if isinstance(r, Case)],
+                         ids=lambda r: r.id)
 def test_case(row, tmp_path):
     if row.exc is not None:
         assert issubclass(row.exc, USER_ERRORS), f"{row.exc.__name__}: a user's mistake raises ValueError or TypeError"

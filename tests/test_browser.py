@@ -44,7 +44,8 @@ CELLS = [
 
 
 # The module notebooks whose last code cell must be a live widget view (in the order of the package).
-MODULE_NOTEBOOKS = ["00_data", "02_degrade", "03_viz", "10_dapl", "20_oufr", "30_fa", "40_ufrf", "50_model", "90_train"]
+MODULE_NOTEBOOKS = ["00_data", "00b_nifti", "00c_readers", "02_degrade", "03_viz", "07_device", "07a_cli", "09_blocks", "10_dapl", "20_oufr",
+                    "30_fa", "40_ufrf", "50_model", "85_recipe", "86_pool", "87_runlog", "90_train"]
 PRELUDE = ("import os, matplotlib\n"
            f"os.chdir({str(ROOT / 'nbs')!r})   # where the notebooks run\n"
            "matplotlib.use('Agg')")

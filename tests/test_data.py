@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from unifuse import data as D
+from fakes import fake_tree
 
 
 # ---------------------------------------------------------------- built-in volumes
@@ -262,7 +263,7 @@ def test_resize_grid_keeps_field_of_view():
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
     root = tmp_path_factory.mktemp("trees")
-    return {k: D.fake_tree(root / k, k, n=n, size=16) for k, n in
+    return {k: fake_tree(root / k, k, n=n, size=16) for k, n in
             (("brats2020", 4), ("synthrad2023", 4), ("petct", 5), ("csv", 3))}
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import unifuse.fuse as fz
-from unifuse.data import builtin_pair, builtin_affine, save_nifti, resample_to, resize_grid, to_canonical, fake_tree
+from unifuse.data import builtin_pair, builtin_affine
+from unifuse.nifti import save_nifti, resample_to, resize_grid, to_canonical
+from fakes import fake_tree
 from unifuse.model import UniFuse, UniFuseConfig
 from unifuse.spatial import warp
 
@@ -201,7 +203,7 @@ def test_intensities_auto():
     ct, note = fz.normalise_input(hu, "CT")
     assert "HU window" in note and ct.min() == 0 and ct.max() == 1
     np.testing.assert_allclose(fz.normalise_input(ct, "CT")[0], ct)        # a scaled CT is not windowed again
-    from unifuse.data import _hu_and_suv
+    from fakes import _hu_and_suv
     with pytest.warns(fz.FuseWarning, match="not Hounsfield units"): fz.normalise_input(_hu_and_suv(0, 32)["ct"] + 1024, "CT")
     with pytest.warns(fz.FuseWarning, match="looks like a CT"): fz.normalise_input(hu, "MRI-T2")
     with pytest.warns(fz.FuseWarning, match="clipped"): out, _ = fz.normalise_input(np.linspace(0, 3, 64).reshape(4, 4, 4), "PET", how="none")
@@ -398,7 +400,7 @@ def test_prealign_without_simpleitk_says_what_to_install(files, tmp_path, capsys
 @pytest.mark.parametrize("units", ["HU + 1024", "0…8", "×1000"])
 def test_ct_not_in_hounsfield_units_is_mapped_to_hu_not_windowed_as_hu(units):
     "A CT stored without its rescale intercept, or in another linear unit, ends where the same CT in HU ends (auto)."
-    from unifuse.data import _hu_and_suv
+    from fakes import _hu_and_suv
     hu = _hu_and_suv(0, 48)["ct"]                                         # air −1024, brain ≈ 30 HU, bone to 900
     stored = {"HU + 1024": hu + 1024, "0…8": (hu + 1024) / 240, "×1000": (hu + 1024) * 1000}[units]
     want, _ = fz.normalise_input(hu, "CT")
@@ -411,7 +413,7 @@ def test_ct_not_in_hounsfield_units_is_mapped_to_hu_not_windowed_as_hu(units):
 
 
 def test_ct_in_hu_stays_hu_with_air_or_cropped_without_it():
-    from unifuse.data import _hu_and_suv
+    from fakes import _hu_and_suv
     hu = _hu_and_suv(0, 48)["ct"]
     inside = hu[16:32, 16:32, 16:32]                                      # no air: soft tissue decides
     assert fz.ct_units(hu)["kind"] == fz.ct_units(inside)["kind"] == "hu"
@@ -421,7 +423,7 @@ def test_ct_in_hu_stays_hu_with_air_or_cropped_without_it():
 
 
 def test_ct_of_unknown_units_without_air_falls_back_to_percentiles():
-    from unifuse.data import _hu_and_suv
+    from fakes import _hu_and_suv
     inside = _hu_and_suv(0, 48)["ct"][16:32, 16:32, 16:32] + 1024        # no air and not HU: nothing anchors a scale
     with pytest.warns(fz.FuseWarning, match="cannot be mapped"):
         out, note = fz.normalise_input(inside, "CT")

@@ -25,12 +25,6 @@ def _batch(B=2, size=(16, 16, 16), seed=0, tasks=None):
     return make_batch(ref, other, tasks, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return UniFuse(UniFuseConfig.tiny())
-
-
 def test_forward_contract(tiny):
     ref, deg = _volumes()
     out = tiny(ref, deg)

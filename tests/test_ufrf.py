@@ -128,6 +128,7 @@ def test_fusion_losses_colour():
 
 
 def test_colour_ufrf_returns_rgb_with_the_input_chroma_at_start():
+    torch.manual_seed(0)                                                     # weights and inputs the same in any test order
     cfg = UniFuseConfig.tiny(colour=True)
     net = UFRF(cfg)
     chroma = torch.rand(2, 2, 16, 16, 16) * 0.4 + 0.3
@@ -138,7 +139,8 @@ def test_colour_ufrf_returns_rgb_with_the_input_chroma_at_start():
     from unifuse.colour import rgb_to_ycbcr
     ycc = rgb_to_ycbcr(fused)
     inside = (fused > 1e-4).all(1, keepdim=True) & (fused < 1 - 1e-4).all(1, keepdim=True)   # not clamped
-    assert torch.allclose(ycc[:, :1], grey, atol=1e-5)                       # Y is the grey fusion
+    assert float(inside.float().mean()) > 0.5                                # most voxels: the chroma fits inside RGB's cube
+    assert torch.allclose(ycc[:, :1][inside], grey[inside], atol=1e-5)       # Y is the grey fusion (where RGB is not clamped)
     assert torch.allclose(ycc[:, 1:][inside.expand(-1, 2, -1, -1, -1)], chroma[inside.expand(-1, 2, -1, -1, -1)], atol=1e-4)
     with pytest.raises(ValueError, match="colour=True"):
         UFRF(UniFuseConfig.tiny())(*_inputs(UniFuseConfig.tiny()), chroma=chroma)

@@ -42,12 +42,6 @@ def _force_flow(model, flow):
     return model.fa.register_forward_hook(lambda mod, args, out: (flow, coarse) if isinstance(out, tuple) else flow)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return UniFuse(UniFuseConfig.tiny()).eval()
-
-
 def test_forced_flow_is_nonzero_and_used(tiny):
     b = _batch()
     assert tiny.multiple and S % tiny.multiple == 0
@@ -211,6 +205,7 @@ def test_ssim_loss_takes_known_values():
     assert float(inv) > 2.5
 
 
+@pytest.mark.slow
 def test_a_few_steps_learn():
     "Tens of steps at 16³ on one batch: the total loss falls and FA beats the zero flow on L_reg."
     torch.manual_seed(0)

@@ -8,7 +8,6 @@ Docs: https://unifuse.github.io/unifuse/config.html.md"""
 from __future__ import annotations
 import dataclasses, math
 from dataclasses import dataclass, field, asdict
-from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['DAPL_MODES', 'OUFR_MODES', 'ALSN_MODES', 'FA_ATTENTION', 'FA_WINDOWS', 'DHAT_MODES', 'MODA_PAIRS', 'PAD_MODES',
@@ -136,34 +135,32 @@ class UniFuseConfig:
         need(not bad, f"loss_weights must be finite numbers >= 0, got {bad}")
         self.loss_weights = {**_default_weights(), **{k: float(v) for k, v in self.loss_weights.items()}}
 
-# %% ../nbs/08_config.ipynb #e57da319
-@patch(as_prop=True)
-def d_inner(self:UniFuseConfig): return self.expand * self.embed_dim
-@patch(as_prop=True)
-def has_clean_class(self:UniFuseConfig): return self.n_classes == 4
+    @property
+    def d_inner(self): return self.expand * self.embed_dim
+    @property
+    def has_clean_class(self): return self.n_classes == 4
 
-@patch(cls_method=True)
-def tiny(cls:UniFuseConfig, **kw):
-    "A CPU preset: every part present, small widths; for notebooks, tests and 32³ volumes."
-    d = dict(enc_channels=4, patch=4, embed_dim=16, d_state=8, prompt_len=4, fa_channels=16,
-             ufrf_channels=(8, 16), ufrf_head_dim=16, ufrf_ffn_expand=2.0, lora_rank=2, moda_negatives=32)
-    return cls(**{**d, **kw})
+    @classmethod
+    def tiny(cls, **kw):
+        "A CPU preset: every part present, small widths; for notebooks, tests and 32³ volumes."
+        d = dict(enc_channels=4, patch=4, embed_dim=16, d_state=8, prompt_len=4, fa_channels=16,
+                 ufrf_channels=(8, 16), ufrf_head_dim=16, ufrf_ffn_expand=2.0, lora_rank=2, moda_negatives=32)
+        return cls(**{**d, **kw})
 
-@patch
-def replace(self:UniFuseConfig, **kw):
-    "A copy with some fields changed (validated again)."
-    return dataclasses.replace(self, **kw)
+    def replace(self, **kw):
+        "A copy with some fields changed (validated again)."
+        return dataclasses.replace(self, **kw)
 
-@patch
-def to_dict(self:UniFuseConfig):
-    "Plain-Python dict (what checkpoints store)."
-    d = asdict(self); d["ufrf_channels"] = list(d["ufrf_channels"]); return d
+    def to_dict(self):
+        "Plain-Python dict (what checkpoints store)."
+        d = asdict(self); d["ufrf_channels"] = list(d["ufrf_channels"]); return d
 
-@patch(cls_method=True)
-def from_dict(cls:UniFuseConfig, d:dict):
-    "Rebuild from `to_dict`; unknown keys are refused with a clear message, missing ones take their `LEGACY` value."
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown: raise ValueError(f"UniFuseConfig.from_dict: unknown fields {sorted(unknown)} "
-                                 f"(a config from another version of unifuse?); known: {sorted(names)}")
-    return cls(**{**{k: v for k, v in LEGACY.items() if k not in d}, **d})
+    @classmethod
+    def from_dict(cls, d:dict):
+        "Rebuild from `to_dict`; unknown keys are refused with a clear message, missing ones take their `LEGACY` value."
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown: raise ValueError(f"UniFuseConfig.from_dict: unknown fields {sorted(unknown)} "
+                                     f"(a config from another version of unifuse?); known: {sorted(names)}")
+        return cls(**{**{k: v for k, v in LEGACY.items() if k not in d}, **d})
+

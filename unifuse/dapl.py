@@ -11,15 +11,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from einops import rearrange
-from fastcore.basics import patch
 from .config import UniFuseConfig
 from .ssm import MambaBlock
 from .layers import Conv3d, conv3d_cat, to_cl
+from .blocks import to_tokens, to_volume
+
 
 # %% auto #0
-__all__ = ['SharedEncoder', 'to_tokens', 'to_volume', 'PatchEmbed', 'token_orders', 'RunningNorm', 'StateReader',
-           'DegradationClassifier', 'PromptSelector', 'l_ce', 'window_tokens', 'DAPL']
+__all__ = ['SharedEncoder', 'PatchEmbed', 'token_orders', 'RunningNorm', 'StateReader', 'DegradationClassifier', 'PromptSelector',
+           'l_ce', 'window_tokens', 'DAPL']
 
 # %% ../nbs/10_dapl.ipynb #e018bc1f
 def _cl(x:Tensor) -> Tensor:
@@ -43,18 +43,6 @@ class SharedEncoder(nn.Module):
         return _cl(self.conv2(self.act(self.conv1(_cl(x)))))
 
 # %% ../nbs/10_dapl.ipynb #f863b5fb
-def to_tokens(x:Tensor # (B, M, d, h, w) feature volume on the token grid
-             ) -> Tensor: # (B, N, M) with N = d·h·w, W fastest
-    return rearrange(x, "b m d h w -> b (d h w) m")
-
-def to_volume(t:Tensor,  # (B, N, M) tokens
-              grid:tuple # (d, h, w) with d·h·w = N
-             ) -> Tensor: # (B, M, d, h, w)
-    d, h, w = grid
-    if t.ndim != 3 or t.shape[1] != d * h * w:
-        raise ValueError(f"to_volume: t must be (B, N, M) with N = {d}·{h}·{w} = {d*h*w}, got {tuple(t.shape)}")
-    return rearrange(t, "b (d h w) m -> b m d h w", d=d, h=h, w=w)
-
 class PatchEmbed(nn.Module):
     "Patch encoding: (B, c, D, H, W) → tokens (B, N, M), one per Q³ patch, N = (D/Q)(H/Q)(W/Q)."
     def __init__(self,
@@ -274,10 +262,9 @@ class DAPL(nn.Module):
         return dict(feat_d=fd, feat_r=fr, feat_d_hat=fd_hat, states=states, logits=logits, probs=probs,
                     class_probs=class_probs, prompt=prompt, h=h, select=g, grid=grid)
 
-# %% ../nbs/10_dapl.ipynb #cb421d48
-@patch
-def ce_loss(self:DAPL, out:dict,    # the output of `forward`
-            label:Tensor,      # (B,) long class index
-           ) -> Tensor:        # L_ce (Eq. 1); a zero tensor in setting C (no classifier)
-    if out["logits"] is None: return out["feat_d"].new_zeros(())
-    return l_ce(out["logits"], label)
+    def ce_loss(self, out:dict,    # the output of `forward`
+                label:Tensor,      # (B,) long class index
+               ) -> Tensor:        # L_ce (Eq. 1); a zero tensor in setting C (no classifier)
+        if out["logits"] is None: return out["feat_d"].new_zeros(())
+        return l_ce(out["logits"], label)
+

@@ -17,6 +17,9 @@ from .files import atomic_path, write_json, write_text, sweep
 from .metrics import (fusion_metrics, alignment_metrics, dice, folding_fraction, warp_labels,
                              invert_flow, count_flops, count_params)
 from .spatial import warp
+from .device import resolve_device
+from .cli import Parser, UserError, one_line, run
+
 
 # %% auto #0
 __all__ = ['TV_WEIGHT', 'FUSION_RULES', 'FUSION_COLS', 'ALIGN_COLS', 'MIN_SIZE', 'READERS', 'restore_tv', 'restore', 'register',
@@ -417,15 +420,6 @@ def _load_model(path, device):
     from unifuse.model import UniFuse
     return UniFuse.load(path, map_location="cpu").to(device).eval()
 
-class _Parser(argparse.ArgumentParser):
-    "argparse whose mistakes end in one line on stderr (no usage block) and exit status 2."
-    def error(self, message): self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-def _fail(message:str):
-    "A user's mistake: one line on stderr, exit status 2, no traceback."
-    print(f"unifuse-eval: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
 MIN_SIZE = 17  # the largest VIF window: smaller volumes cannot be scored
 
 def vif_scales(size:int) -> int:
@@ -442,7 +436,7 @@ def vif_scales(size:int) -> int:
 
 # %% ../nbs/65_evaluate.ipynb #af8e9eff
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="unifuse-eval",
         description="Evaluate UniFuse and/or the staged classical baseline (restore -> register -> fuse) on a test "
                     "set and write Table-1-style fusion and Table-6-style alignment tables (Markdown and CSV), "
@@ -503,31 +497,22 @@ def _is_evaluation(folder:Path) -> bool:
 
 def _check_out(out:Path, overwrite:bool):
     "Refuse an --out that names a file, or a used folder without --overwrite (or one that is not an evaluation)."
-    if out.exists() and not out.is_dir(): _fail(f"--out {out}: is a file; expected a folder for the evaluation's outputs")
+    if out.exists() and not out.is_dir(): raise UserError(f"--out {out}: is a file; expected a folder for the evaluation's outputs")
     for parent in out.absolute().parents:
         if parent.exists():
-            if not parent.is_dir(): _fail(f"--out {out}: {parent} is a file, so no folder can be made under it")
-            if not os.access(parent, os.W_OK | os.X_OK): _fail(f"--out {out}: {parent} is not writable; choose another --out")
+            if not parent.is_dir(): raise UserError(f"--out {out}: {parent} is a file, so no folder can be made under it")
+            if not os.access(parent, os.W_OK | os.X_OK): raise UserError(f"--out {out}: {parent} is not writable; choose another --out")
             break
     if out.is_dir() and any(out.iterdir()):
         if not _is_evaluation(out):
-            _fail(f"--out {out}: the folder holds other files and no earlier evaluation; choose an empty or new folder")
+            raise UserError(f"--out {out}: the folder holds other files and no earlier evaluation; choose an empty or new folder")
         if not overwrite:
-            _fail(f"--out {out}: holds an earlier evaluation; pass --overwrite to replace it whole, or choose another --out")
+            raise UserError(f"--out {out}: holds an earlier evaluation; pass --overwrite to replace it whole, or choose another --out")
 
 def _check_device(device:str) -> torch.device:
-    try: dev = torch.device(device)
-    except (RuntimeError, ValueError): _fail(f"--device {device}: not a device torch knows; expected e.g. cpu, cuda or cuda:1")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            _fail(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
-                  f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 …)")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        _fail(f"--device {device}: MPS is not available on this machine; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"): _fail(f"--device {device}: expected cpu, cuda or mps")
-    return dev
+    try: return resolve_device(device)
+    except ValueError as e: raise UserError(str(e)) from e
+
 
 # %% ../nbs/65_evaluate.ipynb #b8dcc7ad
 def write_evaluation(res:dict, # what `evaluate` returns
@@ -558,7 +543,7 @@ def _publish(tmp:Path, out:Path, overwrite:bool):
     "Move the finished evaluation `tmp` to `out` (an earlier one there is replaced whole, with --overwrite)."
     if out.exists() and any(out.iterdir()):
         if not (overwrite and _is_evaluation(out)):                              # it changed while we worked
-            _fail(f"--out {out}: was filled by something else during the evaluation; pass --overwrite or choose another --out")
+            raise UserError(f"--out {out}: was filled by something else during the evaluation; pass --overwrite or choose another --out")
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(out, old); os.rename(tmp, out); shutil.rmtree(old, ignore_errors=True)
     else:
@@ -567,41 +552,38 @@ def _publish(tmp:Path, out:Path, overwrite:bool):
 
 # %% ../nbs/65_evaluate.ipynb #3b888ed0
 def main(argv=None) -> int:
-    "Command line entry point of `unifuse-eval`: Ctrl-C ends it with one line and status 130, nothing written."
-    try: return _main(argv)
-    except KeyboardInterrupt:
-        print("unifuse-eval: interrupted; nothing was written (the tables appear only when every case is scored)", file=sys.stderr)
-        return 130
+    "Command line entry point of `unifuse-eval`: a mistake in the input is one line and status 2; Ctrl-C one line and 130, nothing written."
+    return run("unifuse-eval", _main, argv, interrupted="interrupted; nothing was written (the tables appear only when every case is scored)")
 
 def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     # every check that can fail on the user's input comes before the long work, and nothing is written until the end
-    if args.no_baseline and args.checkpoint is None: _fail("--no-baseline needs --checkpoint (nothing to evaluate otherwise)")
-    if args.n < 1: _fail(f"--n {args.n}: expected at least 1 case per task")
+    if args.no_baseline and args.checkpoint is None: raise UserError("--no-baseline needs --checkpoint (nothing to evaluate otherwise)")
+    if args.n < 1: raise UserError(f"--n {args.n}: expected at least 1 case per task")
     if args.size < MIN_SIZE:
-        _fail(f"--size {args.size}: expected at least {MIN_SIZE} voxels per side (VIF's largest window is {MIN_SIZE} "
+        raise UserError(f"--size {args.size}: expected at least {MIN_SIZE} voxels per side (VIF's largest window is {MIN_SIZE} "
               "voxels; 41 or more give all four of its scales)")
-    if args.dataset != "builtin" and args.root is None: _fail(f"--dataset {args.dataset} needs --root (the dataset folder or CSV file)")
-    if args.dataset == "builtin" and args.root is not None: _fail("--root is for a reader's data; pass --dataset too (brats2020, synthrad2023, petct or csv)")
-    if args.root is not None and not args.root.exists(): _fail(f"--root {args.root}: no such file or folder")
+    if args.dataset != "builtin" and args.root is None: raise UserError(f"--dataset {args.dataset} needs --root (the dataset folder or CSV file)")
+    if args.dataset == "builtin" and args.root is not None: raise UserError("--root is for a reader's data; pass --dataset too (brats2020, synthrad2023, petct or csv)")
+    if args.root is not None and not args.root.exists(): raise UserError(f"--root {args.root}: no such file or folder")
     _check_out(args.out, args.overwrite)
     device = _check_device(args.device)
     methods, flops, params = {}, {}, {}
     if args.checkpoint is not None:                                               # a bad checkpoint is found first
-        if not args.checkpoint.is_file(): _fail(f"--checkpoint {args.checkpoint}: no such file")
+        if not args.checkpoint.is_file(): raise UserError(f"--checkpoint {args.checkpoint}: no such file")
         try: model = _load_model(args.checkpoint, device)
-        except Exception as e: _fail(f"--checkpoint {args.checkpoint}: could not be loaded ({e})".replace("\n", " "))
+        except (ValueError, OSError) as e: raise UserError(f"--checkpoint {args.checkpoint}: could not be loaded ({one_line(e)})") from e
         if args.colour is not None and not getattr(model.cfg, "colour", False):
-            _fail(f"--colour {args.colour}: {args.checkpoint} holds a grey model; colour PET needs one trained with UniFuseConfig(colour=True)")
+            raise UserError(f"--colour {args.colour}: {args.checkpoint} holds a grey model; colour PET needs one trained with UniFuseConfig(colour=True)")
     if args.colour is not None:
         from unifuse.colour import colourise
         try: colourise(torch.zeros(1, 1, 2), args.colour)
-        except ValueError: _fail(f"--colour {args.colour}: not a matplotlib colour map; expected e.g. hot, inferno or magma")
+        except ValueError: raise UserError(f"--colour {args.colour}: not a matplotlib colour map; expected e.g. hot, inferno or magma")
     try:
         if args.dataset == "builtin": cases = list(builtin_cases(args.tasks, args.n, args.size, args.seed, device, args.colour))
         else: cases = list(reader_cases(args.dataset, args.root, args.n, args.size, args.split, device=device, colour=args.colour))
-    except (ValueError, TypeError, OSError) as e: _fail(f"--dataset {args.dataset}: {e}".replace("\n", " "))
-    if not cases: _fail(f"--dataset {args.dataset}: the {args.split!r} split of {args.root} holds no subjects; try --split all")
+    except (ValueError, OSError) as e: raise UserError(f"--dataset {args.dataset}: {one_line(e)}") from e
+    if not cases: raise UserError(f"--dataset {args.dataset}: the {args.split!r} split of {args.root} holds no subjects; try --split all")
     if args.checkpoint is not None:
         methods["UniFuse"] = unifuse_method(model, device)
         c = cases[0]
@@ -627,7 +609,7 @@ def _main(argv=None) -> int:
         mask = os.umask(0); os.umask(mask); os.chmod(tmp, 0o777 & ~mask)         # a folder as mkdir makes it
         files = write_evaluation(res, tmp, meta)
         _publish(tmp, args.out, args.overwrite); tmp = None
-    except OSError as e: _fail(f"--out {args.out}: could not write the evaluation ({e})")
+    except OSError as e: raise UserError(f"--out {args.out}: could not write the evaluation ({e})")
     finally:
         if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)               # nothing half-written stays
         if not args.out.exists():

@@ -14,44 +14,13 @@ from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
 from .spatial import resize_flow, warp, compose
-from .layers import Conv3d, on_fast_path, to_cl
+from .layers import Conv3d
+from .blocks import ChannelNorm, PromptMLP, ConvFFN
+
 
 # %% auto #0
-__all__ = ['ChannelNorm', 'PromptMLP', 'window_cross_attention', 'neighbourhood_attention', 'ConvFFN', 'max_level', 'RegBLK',
-           'mind', 'token_patches', 'offsets', 'cost_volume', 'mind_prior', 'affine_fit', 'match_score',
-           'mind_affine_prior', 'FA', 'reg_loss']
-
-# %% ../nbs/30_fa.ipynb #d7cda776
-class ChannelNorm(nn.Module):
-    "LayerNorm over the channels of every voxel of a `(B, C, D, H, W)` volume."
-    def __init__(self, c:int, # channels C
-                 eps:float=1e-5):
-        super().__init__()
-        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), eps
-    def forward(self, x:Tensor) -> Tensor:                                  # x (B, C, D, H, W)
-        if on_fast_path(x):                                                 # CPU: one fused kernel on channels-last
-            y = F.layer_norm(to_cl(x).permute(0, 2, 3, 4, 1), x.shape[1:2], self.weight, self.bias, self.eps)
-            return y.permute(0, 4, 1, 2, 3)                                 # (B, C, D, H, W), channels-last
-        dt, x = x.dtype, x.float()                                          # statistics in float32 (bf16 autocast)
-        mu = x.mean(1, keepdim=True)                                        # (B, 1, D, H, W)
-        var = (x - mu).pow(2).mean(1, keepdim=True)                         # (B, 1, D, H, W)
-        x = (x - mu) * torch.rsqrt(var + self.eps)
-        return (x * self.weight[:, None, None, None] + self.bias[:, None, None, None]).to(dt)
-
-
-class PromptMLP(nn.Module):
-    "Guidance vector from the prompt P̂: classes summed (weighted by p when given), flattened, a 2-layer MLP."
-    def __init__(self, prompt_len:int, # L
-                 embed_dim:int, # M
-                 hidden:int, # width of the guidance vector
-                ):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(prompt_len * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-    def forward(self, prompt:Tensor, # P̂ (B, Ñ, L, M)
-                p:Tensor|None=None, # class probabilities (B, Ñ); None: plain sum over classes
-               ) -> Tensor: # guidance (B, hidden)
-        pr = prompt.sum(1) if p is None else torch.einsum("bn,bnlm->blm", p, prompt)  # (B, L, M)
-        return self.net(pr.flatten(1))                                       # (B, hidden)
+__all__ = ['window_cross_attention', 'neighbourhood_attention', 'max_level', 'RegBLK', 'mind', 'token_patches', 'offsets',
+           'cost_volume', 'mind_prior', 'affine_fit', 'match_score', 'mind_affine_prior', 'FA', 'reg_loss']
 
 # %% ../nbs/30_fa.ipynb #d7f51d55
 def window_cross_attention(q:Tensor, # queries (B, C, d, h, w)
@@ -132,17 +101,6 @@ def neighbourhood_attention(q:Tensor, # queries (B, C, d, h, w)
     return torch.cat(outs, -1).reshape(B, C, *size), torch.cat(disps, -1).reshape(B, heads, 3, *size)
 
 # %% ../nbs/30_fa.ipynb #4a47f083
-class ConvFFN(nn.Module):
-    "Residual-free convolutional feed-forward: norm, depthwise 3×3×3, pointwise ×`expand`, GELU, pointwise."
-    def __init__(self, c:int, expand:int=2, pad_mode:str="zeros"):
-        super().__init__()
-        self.norm = ChannelNorm(c)
-        self.dw = Conv3d(c, c, 3, padding=1, groups=c, padding_mode=pad_mode)
-        self.pw1, self.pw2 = Conv3d(c, expand * c, 1), Conv3d(expand * c, c, 1)
-    def forward(self, x:Tensor) -> Tensor:                                  # (B, C, D, H, W)
-        return self.pw2(F.gelu(self.pw1(self.dw(self.norm(x)))))
-
-
 def max_level(size, # grid size (d, h, w)
               min_side:int=2) -> int:
     "Deepest pooling level 2^l that keeps at least `min_side` voxels along every axis of `size`."

@@ -14,20 +14,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from .data import TASKS, CT_WINDOW, load_nifti, to_canonical, normalize, resample_pair, orientation, gaussian_blur
+from .data import TASKS, gaussian_blur
+from .nifti import CT_WINDOW, load_nifti, to_canonical, normalize, resample_pair, orientation, from_canonical, flow_to_canonical, spacing_of
 from .degrade import CLASSES, TASKS as DEGRADATION
 from .colour import colourise, PET_CMAP
 from .files import atomic_path, check_writable
 from .spatial import warp, resize_flow, jacobian_det, compose
 from .model import UniFuse
+from .device import resolve_device
+from .cli import MissingDependency, Parser, UserError, one_line, run, user_input
+
 
 # %% auto #0
 __all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'SOFT_TISSUE_HU', 'PREALIGN', 'MIN_SIDE', 'MI_BINS', 'MIN_MI',
-           'SUMMARY_COLUMNS', 'FuseWarning', 'ct_units', 'normalise_input', 'from_canonical', 'spacing_of',
-           'model_spacing', 'spacing_plan', 'resize_volume', 'memory_estimate', 'available_memory', 'plan_windows',
-           'fuse_volume', 'degradation_report', 'folding', 'prealign_rigid', 'fuse_prealigned', 'fuse_arrays',
-           'write_outputs', 'resolve_device', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv', 'main',
-           'flow_to_canonical']
+           'SUMMARY_COLUMNS', 'FuseWarning', 'ct_units', 'normalise_input', 'model_spacing', 'spacing_plan',
+           'resize_volume', 'memory_estimate', 'available_memory', 'plan_windows', 'fuse_volume', 'degradation_report',
+           'folding', 'prealign_rigid', 'fuse_prealigned', 'fuse_arrays', 'write_outputs', 'load_model', 'fuse_files',
+           'read_pairs', 'fuse_csv', 'main']
 
 # %% ../nbs/80_fuse.ipynb #9fb914cc
 NORMS = ("auto", "hu", "percentile", "none")  # the choices of --ref-norm / --deg-norm
@@ -137,37 +140,6 @@ def normalise_input(vol, # (D, H, W) intensities as stored (HU, SUV, scanner uni
         out = np.clip(arr, 0, 1)
         note = "taken as stored (already in [0, 1])" if how == "auto" else "taken as stored ('none'), clipped to [0, 1]"
     return np.ascontiguousarray(out, dtype=np.float32), f"{modality}: {note}"
-
-# %% ../nbs/80_fuse.ipynb #2679e1a8
-def _ornt_back(affine) -> np.ndarray:
-    "The orientation transform from RAS voxel order back to the voxel order of `affine`."
-    ornt = nib.orientations.io_orientation(np.asarray(affine, np.float64))
-    return nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-
-def from_canonical(vol, # (..., X, Y, Z) array in RAS voxel order (what `to_canonical` made of a volume on `affine`)
-                   affine, # (4, 4) the original voxel → world affine to return to
-                   vector:bool=False, # `vol` is a (3, X, Y, Z) displacement in voxels: reorder and flip its components too
-                  ) -> np.ndarray: # (..., X', Y', Z') in the voxel order of `affine`
-    "Undo `unifuse.data.to_canonical`: back to the voxel order of `affine` (volumes, or displacement fields)."
-    arr = np.asarray(vol)
-    if vector and (arr.ndim != 4 or arr.shape[0] != 3):
-        raise ValueError(f"vol: a displacement field must be (3, X, Y, Z), got {arr.shape}")
-    tr = _ornt_back(affine)
-    if np.array_equal(tr, [[0, 1], [1, 1], [2, 1]]): return arr
-    lead = arr.ndim - 3
-    a = np.moveaxis(arr, list(range(lead)), list(range(-lead, 0))) if lead else arr   # spatial axes first
-    a = nib.orientations.apply_orientation(a, tr)
-    out = np.moveaxis(a, list(range(-lead, 0)), list(range(lead))) if lead else a
-    if vector:
-        comp = np.empty_like(out)
-        for k, (j, flip) in enumerate(tr.astype(int)): comp[j] = flip * out[k]   # canonical axis k is original axis j
-        out = comp
-    return np.ascontiguousarray(out)
-
-def spacing_of(affine, # (4, 4) voxel → world
-              ) -> np.ndarray: # (3,) mm
-    "Voxel size in mm along each voxel axis: the lengths of the affine's columns."
-    return np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
 
 # %% ../nbs/80_fuse.ipynb #e4416403
 def model_spacing(model, # a UniFuse model (anything with a `meta` dict)
@@ -283,7 +255,7 @@ def _model_device(model) -> torch.device:
 def _sliding_window():
     try: from monai.inferers import sliding_window_inference
     except ImportError as e:
-        raise ImportError("fusing in windows needs MONAI (its sliding_window_inference blends the windows): "
+        raise MissingDependency("fusing in windows needs MONAI (its sliding_window_inference blends the windows): "
                           'pip install "unifuse[eval]", or pass window=0 (--window 0) to fuse the whole volume') from e
     return sliding_window_inference
 
@@ -396,7 +368,7 @@ def prealign_rigid(ref:Tensor, # (1, 1, D, H, W) REF in [0, 1]
         import SimpleITK  # noqa: F401  (the registration below imports it where it runs)
         from unifuse.evaluate import register
     except ImportError as e:
-        raise ImportError(f"prealign 'rigid' needs SimpleITK ({e.name} is missing): pip install 'unifuse[data]', "
+        raise MissingDependency(f"prealign 'rigid' needs SimpleITK ({e.name} is missing): pip install 'unifuse[data]', "
                           "or fuse without --prealign") from None
     r, d = ref[0, 0].float().cpu(), deg[0, 0].float().cpu()
     for name, v in (("REF", r), ("DEG", d)):
@@ -587,27 +559,11 @@ def write_outputs(items:list, # [(path, nibabel image), …]
     return [Path(p) for p, _ in items]
 
 # %% ../nbs/80_fuse.ipynb #ee6aa00d
-def resolve_device(device=None, # None or "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1" …
-                  ) -> torch.device:
-    "A device that exists here, or a clear error."
-    if device is None or device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try: d = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device={device!r}: not a device name; expected 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available here (torch {torch.__version__}, no usable GPU); "
-                             "use device 'cpu'")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif d.type != "cpu": raise ValueError(f"device={device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return d
-
 def load_model(checkpoint=None, # a `UniFuse.save` file or a training checkpoint; None: the weights that ship
                device=None, # see `resolve_device`
               ) -> UniFuse: # in eval mode, on `device`
     "The model to fuse with, on its device; missing or unreadable checkpoints raise with a clear message."
-    dev = resolve_device(device)
+    dev = resolve_device(device, "device=")
     if checkpoint is None:
         try: model = UniFuse.pretrained(map_location="cpu")
         except FileNotFoundError:
@@ -751,12 +707,6 @@ def _write_summary(rows:list, path:Path):
             w.writeheader()
             for r in rows: w.writerow({**r, "warnings": " | ".join(r.get("warnings") or [])})
 
-def _one_line(e:BaseException) -> str:
-    "An exception as one line: its message with whitespace collapsed (its type when it has no message)."
-    msg = " ".join(str(e).split())
-    if isinstance(e, KeyError) or not msg: msg = f"{type(e).__name__}: {msg}".rstrip(": ")
-    return msg
-
 def _check_collisions(outputs:list, # (row id, output path) of every file the batch would write
                       inputs:list, # every file the batch reads
                      ):
@@ -811,7 +761,7 @@ def fuse_csv(csv_path, # the pairs CSV (see `read_pairs`)
                     f"{s['seconds']:.1f} s → {s['fused']}")
                 for m in s["warnings"]: say(f"{row['id']}: warning: {m}")
             except (KeyboardInterrupt, SystemExit): raise
-            except Exception as e: rec = {**base, "status": "failed", "error": _one_line(e)}
+            except Exception as e: rec = {**base, "status": "failed", "error": one_line(e)}
         else: rec = {**base, "status": "failed", "error": row["error"]}
         if rec["status"] == "failed": say(f"{row['id']}: FAILED: {rec['error']}")
         done.append(rec)
@@ -819,11 +769,6 @@ def fuse_csv(csv_path, # the pairs CSV (see `read_pairs`)
     return done
 
 # %% ../nbs/80_fuse.ipynb #582686c1
-class _Parser(argparse.ArgumentParser):
-    "argparse, but a usage mistake is one line on stderr (exit status 2)."
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
 def _window_arg(s:str):
     if s == "auto": return "auto"
     try: v = int(s)
@@ -838,7 +783,7 @@ def _overlap_arg(s:str) -> float:
     return v
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="unifuse-fuse", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog="unifuse-fuse", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Fuse a reference scan (REF) and a degraded, misaligned scan of another modality (DEG) into one\n"
                             "volume on REF's grid and affine. The fused output is float32 in [0, 1] (a display scale, not\n"
                             "HU or SUV). --flow writes φ_D→R, a displacement in REF's voxels ((X, Y, Z, 1, 3) vector image,\n"
@@ -879,7 +824,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
     print(f"unifuse-fuse: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 def _args(argv):
-    "Parsed and checked arguments; a usage mistake exits (status 2) with one line."
+    "Parsed and checked arguments; a usage mistake raises `UserError`."
     p = _parser()
     a = p.parse_args(argv)
     if a.csv is not None:
@@ -894,56 +839,40 @@ def _args(argv):
         if a.task is None: p.error("give --task mri, ct or pet")
     return a
 
-def main(argv:list|None=None, # the arguments (default: the command line)
-        ) -> int: # the exit status
-    "The `unifuse-fuse` command: returns the exit status (0 done, 1 some CSV rows failed, 2 a mistake in the input)."
-    try: a = _args(argv)
-    except SystemExit as e: return e.code if isinstance(e.code, int) else 2   # usage mistakes (2) and --help (0)
+def _fuse(argv) -> int:
+    "The body of `unifuse-fuse`: what the user gave is read inside `user_input()`, so its mistakes end in one line."
+    a = _args(argv)
     kw = dict(ref_norm=a.ref_norm, deg_norm=a.deg_norm, window=a.window, overlap=a.overlap, colour=a.colour, prealign=a.prealign)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = _print_warning
-            if a.colour is not None and a.task not in (None, "pet"):
-                raise ValueError(f"--colour applies to --task pet (PET through a colour map), not {a.task}")
-            model = load_model(a.checkpoint, a.device)
-            if a.colour is not None and not getattr(model.cfg, "colour", False):
-                raise ValueError("--colour: this model was not trained for colour (its config has colour=False); "
-                                 "drop --colour to fuse grey PET, or pass a colour checkpoint")
-            if a.csv is None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _print_warning
+        if a.colour is not None and a.task not in (None, "pet"):
+            raise UserError(f"--colour applies to --task pet (PET through a colour map), not {a.task}")
+        with user_input(): model = load_model(a.checkpoint, a.device)
+        if a.colour is not None and not getattr(model.cfg, "colour", False):
+            raise UserError("--colour: this model was not trained for colour (its config has colour=False); "
+                            "drop --colour to fuse grey PET, or pass a colour checkpoint")
+        if a.csv is None:
+            with user_input():
                 fuse_files(a.ref, a.deg, a.out, a.task, model=model, flow_path=a.flow, aligned_path=a.aligned,
                            progress=not a.quiet, log=None if a.quiet else print, **kw)
-                return 0
-            def log(s):
-                if not a.quiet: print(s)
-                elif ": FAILED: " in s or ": warning: " in s: print(s, file=sys.stderr)
+            return 0
+        def log(s):
+            if not a.quiet: print(s)
+            elif ": FAILED: " in s or ": warning: " in s: print(s, file=sys.stderr)
+        with user_input():
             rows = fuse_csv(a.csv, a.out_dir, a.task, model=model, flow=bool(a.flow), aligned=bool(a.aligned),
                             progress=not a.quiet, log=log, **kw)
-            bad = sum(r["status"] == "failed" for r in rows)
-            print(f"{len(rows) - bad} of {len(rows)} pairs fused; summary in {Path(a.out_dir) / 'summary.csv'}",
-                  file=sys.stderr if bad else sys.stdout)
-            return 1 if bad else 0
-    except (ValueError, TypeError, OSError, ImportError) as e:               # a mistake in what we were given
-        print(f"unifuse-fuse: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        bad = sum(r["status"] == "failed" for r in rows)
+        print(f"{len(rows) - bad} of {len(rows)} pairs fused; summary in {Path(a.out_dir) / 'summary.csv'}",
+              file=sys.stderr if bad else sys.stdout)
+        return 1 if bad else 0
+
+def main(argv:list|None=None, # the arguments (default: the command line)
+        ) -> int: # the exit status
+    "The `unifuse-fuse` command: returns the exit status (0 done, 1 some CSV rows failed or out of memory, 2 a mistake in the input)."
+    try: return run("unifuse-fuse", _fuse, argv, interrupted="interrupted; no output of the pair in progress was written")
     except torch.OutOfMemoryError:
         print("unifuse-fuse: error: out of memory; pass --window 96 (or smaller) to fuse in windows, or --device cpu",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("unifuse-fuse: interrupted; no output of the pair in progress was written", file=sys.stderr)
-        return 130
-
-# %% ../nbs/80_fuse.ipynb #7ac36d92
-def flow_to_canonical(flow, # (3, X, Y, Z) displacement in the voxels of `affine`'s grid (as `--flow` writes it)
-                      affine, # (4, 4) that grid's voxel → world affine
-                     ) -> np.ndarray: # (3, X', Y', Z') in RAS voxel order, components along the RAS voxel axes
-    "The inverse of `from_canonical(..., vector=True)`: a displacement field as `to_canonical` orders volumes."
-    arr = np.asarray(flow)
-    if arr.ndim != 4 or arr.shape[0] != 3: raise ValueError(f"flow: expected (3, X, Y, Z), got {arr.shape}")
-    out, _ = to_canonical(arr, affine)
-    tr = nib.orientations.ornt_transform(nib.orientations.io_orientation(np.asarray(affine, np.float64)),
-                                         nib.orientations.axcodes2ornt("RAS"))
-    comp = np.empty_like(out)
-    for j, (k, flip) in enumerate(tr.astype(int)): comp[k] = flip * out[j]  # the file's axis j is RAS axis k
-    return np.ascontiguousarray(comp)

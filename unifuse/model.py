@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from fastcore.basics import patch
 import unifuse
 from .config import UniFuseConfig
 from .files import atomic_path, check_archive
 from .spatial import warp, resize_flow
-from .dapl import DAPL, to_volume, to_tokens
+from .dapl import DAPL
+from .blocks import to_volume, to_tokens
 from .oufr import OUFR, moda_loss, l_cont, shifted_crops, correspondence, neighbours, random_contrast
 from .fa import FA, reg_loss
 from .ufrf import UFRF, fusion_losses
@@ -48,8 +48,228 @@ def crop_to(x:Tensor, # (B, C, D', H', W')
     "Undo `pad_to_multiple`."
     return x[..., :size[0], :size[1], :size[2]]
 
+# %% ../nbs/50_model.ipynb #01e72965
+class _Checks:
+    "What `UniFuse` refuses at the door (mixed into `UniFuse`)."
+    def _check(self, ref, deg):
+        "Refuse what the network cannot fuse, with a message that says what to do; values are not read on `meta`."
+        cd = "1 or 3" if self.cfg.colour else "1"
+        for name, x, c in (("ref", ref, "1"), ("deg", deg, cd)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"UniFuse: `{name}` must be a torch.Tensor (B, {c}, D, H, W), got {type(x).__name__}")
+            if x.ndim != 5 or str(x.shape[1]) not in c.split(" or "):
+                hint = (" (add batch and channel axes: x[None, None])" if x.ndim == 3 else
+                        " (RGB input needs a colour model: UniFuseConfig(colour=True))" if x.ndim == 5 and x.shape[1] == 3 else "")
+                raise ValueError(f"UniFuse: `{name}` must have shape (B, {c}, D, H, W), got {tuple(x.shape)}{hint}")
+            if x.shape[0] == 0:
+                raise ValueError(f"UniFuse: `{name}` is an empty batch {tuple(x.shape)}; pass at least one volume")
+            if 0 in x.shape[2:]:
+                raise ValueError(f"UniFuse: `{name}` has an empty grid {tuple(x.shape)}; every side needs at least one voxel")
+            if not x.is_floating_point():
+                raise TypeError(f"UniFuse: `{name}` must be a floating tensor with intensities in [0, 1], got {x.dtype}")
+        if ref.shape[0] != deg.shape[0] or ref.shape[2:] != deg.shape[2:]:
+            raise ValueError(f"UniFuse: `ref` and `deg` must have the same batch size and grid (resample one onto the other's "
+                             f"grid), got {tuple(ref.shape)} and {tuple(deg.shape)}")
+        p = next(self.parameters())
+        dev = p.device
+        if p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"UniFuse: the model's weights are {p.dtype}; UniFuse keeps its weights in float32 (or float64). "
+                            f"For half precision keep float32 weights and run under torch.autocast(device_type="
+                            f"{dev.type!r}, dtype=torch.bfloat16)")
+        if ref.device != dev or deg.device != dev:
+            raise ValueError(f"UniFuse: inputs are on {ref.device}/{deg.device} but the model is on {dev}; "
+                             f"move them with .to({str(dev)!r})")
+        if dev.type == "meta": return                                       # shapes only: no values to read
+        for name, x in (("ref", ref), ("deg", deg)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"UniFuse: `{name}` contains NaN or infinite values; clean or mask them first")
+        lo, hi = float(torch.minimum(ref.min(), deg.min())), float(torch.maximum(ref.max(), deg.max()))
+        if lo < -0.1 or hi > 1.1:
+            warnings.warn(f"UniFuse: intensities span [{lo:.3g}, {hi:.3g}]; the model expects volumes scaled to [0, 1]")
+
+
+# %% ../nbs/50_model.ipynb #12962ce7
+class _Training:
+    "The training side of `UniFuse`: the loss of Eq. 15 and the features it reads (mixed into `UniFuse`)."
+    def _check_batch(self, batch):
+        "The training tuple of `make_batch`: keys, shapes, devices and (off `meta`) finite values."
+        need = ("ref", "deg", "deg_label", "ref_moved", "deg_fine", "flow", "label")
+        if not isinstance(batch, dict) or any(k not in batch for k in need):
+            have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(f"UniFuse.loss: batch must be the dict of unifuse.degrade.make_batch with keys {need}; got {have}")
+        ref, deg = batch["ref"], batch["deg"]
+        self._check(ref, deg)
+        B, size = ref.shape[0], tuple(ref.shape[2:])
+        expect = dict(deg_label=(B, deg.shape[1], *size), ref_moved=(B, 1, *size), deg_fine=(B, deg.shape[1], *size),
+                      flow=(B, 3, *size), label=(B,))
+        for k, shp in expect.items():
+            x = batch[k]
+            if not isinstance(x, Tensor) or tuple(x.shape) != shp:
+                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"UniFuse.loss: batch[{k!r}] must be {shp} to match ref {tuple(ref.shape)} and deg "
+                                 f"{tuple(deg.shape)}, got {got}; build batches with unifuse.degrade.make_batch")
+            if x.device != ref.device:
+                raise ValueError(f"UniFuse.loss: batch[{k!r}] is on {x.device}, ref on {ref.device}; move the whole batch to one device")
+        if batch["label"].dtype != torch.long:
+            raise TypeError(f"UniFuse.loss: batch['label'] must be a long tensor of class indices, got {batch['label'].dtype}")
+        if ref.device.type == "meta": return
+        bad = [k for k in ("deg_label", "ref_moved", "deg_fine", "flow") if not bool(torch.isfinite(batch[k]).all())]
+        if bad: raise ValueError(f"UniFuse.loss: batch{bad} contain NaN or infinite values; the training tuple must be finite")
+
+    def loss(self, batch:dict, # from `unifuse.degrade.make_batch`: ref, deg, deg_label, ref_moved, deg_fine, flow, label
+             generator:torch.Generator|None=None, # for L_moda's random negatives
+            ) -> dict: # ce, moda, reg, ssim, inten, grad, crcb (unweighted) and total (Eq. 15, weighted)
+        "Every term of the total loss (Eq. 15) on one training batch."
+        self._check_batch(batch)
+        cfg, w = self.cfg, self.cfg.loss_weights
+        dtype = next(self.parameters()).dtype
+        b = {k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in batch.items()}
+        ref, deg = b["ref"], b["deg"]
+        m = self.multiple
+        pad = lambda x: pad_to_multiple(x, m)[0]
+        size = tuple(ref.shape[2:])
+        o = self._run(pad(ref), pad(deg))                                   # the training pair {I'_D, I_R}
+        d = o["dapl"]
+        L = dict(ce=self.dapl.ce_loss(d, b["label"]))                       # Eq. 1
+        zero = ref.new_zeros(())
+        if w["moda"] == 0: L["moda"] = zero
+        elif cfg.moda_pairs == "grid":                                      # the literal reading: the same grid cell
+            d2 = self.dapl(pad(luma(b["deg_label"])), pad(b["ref_moved"]), update=False)   # only training pairs move the read-out's statistics
+            fbar_d2, fbar_rp = self.oufr(d2["feat_d_hat"], d2["feat_r"], d2["states"])   # F̄_D, F̄'_R
+            L["moda"] = moda_loss(o["fbar_d"], o["fbar_r"], fbar_d2, fbar_rp,          # Eq. 4: (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
+                                  K=cfg.moda_negatives, tau=cfg.moda_tau, generator=generator)
+        else: L["moda"] = self.moda_shifted(b, generator)                  # the same anatomical point of shifted crops
+        flow = crop_to(o["flow"], size)
+        L["reg"] = reg_loss(flow, b["flow"])                                # Eq. 6
+        target_d = crop_to(warp(pad(b["deg_fine"]), o["flow"]), size)       # W(I'_fine, φ_D→R)
+        L.update(fusion_losses(crop_to(o["fused"], size), target_d, ref))   # Eq. 11–13
+        L["total"] = sum(w[k] * L[k] for k in ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb"))  # Eq. 15
+        return L
+
+    def moda_shifted(self, b:dict, # the training batch (floating tensors in the model's dtype)
+                     generator:torch.Generator|None=None, # for the crops' offsets and the negatives
+                    ) -> Tensor: # L_moda (Eq. 4) = L_cont(F̄_D, F̄_R) + L_cont(F̄'_D, F̄'_R) at corresponding tokens of shifted crops
+        "L_moda on the two aligned pairs {I_D, I_R} and {I'_D, I'_R}, each cut into two crops shifted by whole tokens."
+        cfg, B = self.cfg, b["ref"].shape[0]
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device if generator is not None else "cpu"))
+        g = torch.Generator().manual_seed(seed)                             # offsets drawn on the CPU, reproducibly
+        m = self.multiple
+        pad = lambda x: pad_to_multiple(x, m)[0]
+        d = pad(torch.cat([luma(b["deg_label"]), luma(b["deg"])]))          # I_D, I'_D: (2B, 1, D, H, W)
+        r = pad(torch.cat([b["ref"], b["ref_moved"]]))                      # I_R, I'_R
+        if cfg.moda_contrast > 0:                                           # each volume its own random contrast
+            d, r = random_contrast(d, cfg.moda_contrast, g), random_contrast(r, cfg.moda_contrast, g)
+        dc, rc, shift = shifted_crops(d, r, cfg.patch, cfg.moda_shift, g, keep=2 * cfg.moda_border + 2)   # anchors left at any size
+        o = self.dapl(dc, rc, update=False)                                 # only training pairs move the read-out's statistics
+        fd, fr = self.oufr(o["feat_d_hat"], o["feat_r"], o["states"])      # (2B, N, M) each
+        pos, mask = correspondence(tuple(x // cfg.patch for x in dc.shape[2:]), shift, cfg.moda_border)
+        pos, mask = pos.to(fd.device), mask.to(fd.device)
+        hard = torch.arange(pos.shape[1], device=fd.device).expand_as(pos)[..., None]   # R's token at the anchor's own cell: another point
+        if cfg.moda_near:                                                   # and the positive's near neighbours: a smooth code fails
+            hard = torch.cat([hard, neighbours(pos, tuple(x // cfg.patch for x in rc.shape[2:]), cfg.moda_near)], -1)
+        cont = lambda s: l_cont(fd[s], fr[s], cfg.moda_negatives, cfg.moda_tau, generator, pos[s], mask[s], hard[s])
+        return cont(slice(0, B)) + cont(slice(B, 2 * B))                    # (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
+
+    def features(self, ref:Tensor, # I_R (B, 1, D, H, W)
+                 deg:Tensor, # I'_D (B, 1 or 3, D, H, W)
+                ) -> tuple: # F̄'_D, F̄_R as FA receives them: (B, M, D'/Q, H'/Q, W'/Q) on the padded grid
+        "The unified features FA matches (after DAPL and OUFR), as volumes."
+        self._check(ref, deg)
+        dtype = next(self.parameters()).dtype
+        rp, dp = (pad_to_multiple(x.to(dtype), self.multiple)[0] for x in (ref, deg))
+        return self._unified(rp, dp, update=False)[1:]
+
+    def feature_probe(self, ref:Tensor, # I_R (B, 1, D, H, W)
+                      deg:Tensor, # I'_D (B, 1 or 3, D, H, W)
+                      flow_gt:Tensor, # φ_gt (B, 3, D, H, W), voxels
+                     ) -> dict: # content (B,) and margin (B,): see `unifuse.metrics.feature_content` and `correspondence_margin`
+        "Does OUFR's output carry the anatomy of I'_D? Its content (DEG mirrored) and the margin at the true correspondence."
+        with torch.no_grad():
+            fd, fr = self.features(ref, deg)
+            fd_m, _ = self.features(ref, deg.flip(2, 3, 4))                 # the same pair with DEG mirrored along all axes
+            phi = pad_to_multiple(flow_gt.to(fd.dtype), self.multiple)[0]
+            phi_c = resize_flow(phi, tuple(fd.shape[2:]))                   # φ_gt at 1/Q (values ÷Q)
+        return dict(content=feature_content(fd, fd_m), margin=correspondence_margin(fr, fd, fd_m, phi_c))
+
+
+# %% ../nbs/50_model.ipynb #e412bbad
+class _Saving:
+    "Writing a `UniFuse` checkpoint (mixed into `UniFuse`)."
+    def checkpoint(self, meta:dict|None=None, # plain-Python facts to keep beside the weights (spacing trained at, steps, ...)
+                  ) -> dict: # what `save` writes; training checkpoints add their own keys to it
+        "The checkpoint dict: format, version, config, weights (on the CPU) and `meta`."
+        return dict(format="unifuse-model", format_version=FORMAT_VERSIONS[-1], unifuse_version=unifuse.__version__,
+                    config=self.cfg.to_dict(), state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()},
+                    meta={**self.meta, **(meta or {})})
+
+    def save(self, path, # file to write (parent folders are created)
+             meta:dict|None=None, # extra plain-Python facts stored in the file and restored as `model.meta`
+            ):
+        "Write weights, config and `meta` to `path` atomically (a temporary file, then `os.replace`)."
+        with atomic_path(path) as tmp: torch.save(self.checkpoint(meta), tmp)
+        return Path(path)
+
+
+# %% ../nbs/50_model.ipynb #3647120c
+class _Loading:
+    "Reading a `UniFuse` checkpoint, and the shipped weights (mixed into `UniFuse`)."
+    @classmethod
+    def pretrained(cls, name:str="tiny", # which shipped weights: see `UniFuse.shipped()`
+                   map_location="cpu", # where to put the tensors
+                  ) -> UniFuse:
+        "The weights that ship inside the package (trained on the built-in data; see the model card)."
+        path = _weights_dir() / f"unifuse-{name}.pt"
+        if not path.is_file():
+            have = cls.shipped()
+            raise FileNotFoundError(f"UniFuse.pretrained: no shipped weights named {name!r} (looked for {path.name} in the "
+                                    f"package); available: {have or 'none in this installation'}")
+        return cls.load(path, map_location)
+
+    @classmethod
+    def load(cls, path, # a file written by `UniFuse.save`
+             map_location="cpu", # where to put the tensors
+            ) -> UniFuse:
+        "Rebuild a model from `UniFuse.save`'s file (tensors read with `weights_only=True`)."
+        path = Path(path)
+        if not path.is_file(): raise FileNotFoundError(f"UniFuse.load: no file at {path}")
+        try: dev = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+        except RuntimeError: raise ValueError(f"UniFuse.load: map_location={map_location!r} is not a device PyTorch knows; "
+                                              f"use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+        if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"UniFuse.load: map_location={str(map_location)!r} but this machine has no CUDA GPU; "
+                             f"load with map_location='cpu'")
+        check_archive(path)                                                     # flipped bytes: refused, not loaded
+        try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"UniFuse.load: {path} is not a readable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
+                             f"the file is truncated, corrupt, or was not written by UniFuse.save") from e
+        if not isinstance(ckpt, dict) or ckpt.get("format") != "unifuse-model":
+            keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"UniFuse.load: {path} is not a UniFuse checkpoint (expected a dict with "
+                             f"format='unifuse-model', found {keys}); write checkpoints with UniFuse.save")
+        if ckpt.get("format_version") not in FORMAT_VERSIONS:
+            raise ValueError(f"UniFuse.load: {path} has format_version={ckpt.get('format_version')!r}, which this unifuse "
+                             f"({unifuse.__version__}) does not know (it reads {FORMAT_VERSIONS}); it was written by unifuse "
+                             f"{ckpt.get('unifuse_version')}: install that version or a newer unifuse")
+        missing = [k for k in ("config", "state_dict") if not isinstance(ckpt.get(k), dict)]
+        if missing:
+            raise ValueError(f"UniFuse.load: {path} has no {' and no '.join(missing)} (a UniFuse checkpoint holds both); "
+                             f"the file was not written by UniFuse.save")
+        bad = [k for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"UniFuse.load: {path} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}): a diverged "
+                             f"run? Use an earlier checkpoint (best.pt) of that run")
+        model = cls(UniFuseConfig.from_dict(ckpt["config"]))
+        try: model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"UniFuse.load: the weights in {path} do not fit the model its config builds "
+                             f"(written by unifuse {ckpt.get('unifuse_version')}): {str(e)[:300]}") from e
+        model.meta = dict(ckpt.get("meta") or {})
+        return model.to(dev) if dev is not None else model
+
+
 # %% ../nbs/50_model.ipynb #5919db01
-class UniFuse(nn.Module):
+class UniFuse(_Checks, _Training, _Saving, _Loading, nn.Module):
     "UniFuse (ICCV 2025): `model(ref, deg)` fuses a clean reference with a degraded, misaligned volume."
     def __init__(self, config:UniFuseConfig|None=None, # sizes, switches and loss weights; the paper preset if None
                 ):
@@ -104,225 +324,8 @@ class UniFuse(nn.Module):
         return dict(fused=crop_to(o["fused"], size), flow=crop_to(o["flow"], size),
                     warped=crop_to(o["warped"], size), probs=o["probs"])
 
-    # static, so it stays in the class body: `@patch` finds the class from an annotated first argument
     @staticmethod
     def shipped() -> list[str]:
         "Names of the weights that ship inside the package (`UniFuse.pretrained(name)`)."
         d = _weights_dir()
         return sorted(p.name[len("unifuse-"):-3] for p in d.glob("unifuse-*.pt")) if d.is_dir() else []
-
-# %% ../nbs/50_model.ipynb #01e72965
-@patch
-def _check(self:UniFuse, ref, deg):
-    "Refuse what the network cannot fuse, with a message that says what to do; values are not read on `meta`."
-    cd = "1 or 3" if self.cfg.colour else "1"
-    for name, x, c in (("ref", ref, "1"), ("deg", deg, cd)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"UniFuse: `{name}` must be a torch.Tensor (B, {c}, D, H, W), got {type(x).__name__}")
-        if x.ndim != 5 or str(x.shape[1]) not in c.split(" or "):
-            hint = (" (add batch and channel axes: x[None, None])" if x.ndim == 3 else
-                    " (RGB input needs a colour model: UniFuseConfig(colour=True))" if x.ndim == 5 and x.shape[1] == 3 else "")
-            raise ValueError(f"UniFuse: `{name}` must have shape (B, {c}, D, H, W), got {tuple(x.shape)}{hint}")
-        if x.shape[0] == 0:
-            raise ValueError(f"UniFuse: `{name}` is an empty batch {tuple(x.shape)}; pass at least one volume")
-        if 0 in x.shape[2:]:
-            raise ValueError(f"UniFuse: `{name}` has an empty grid {tuple(x.shape)}; every side needs at least one voxel")
-        if not x.is_floating_point():
-            raise TypeError(f"UniFuse: `{name}` must be a floating tensor with intensities in [0, 1], got {x.dtype}")
-    if ref.shape[0] != deg.shape[0] or ref.shape[2:] != deg.shape[2:]:
-        raise ValueError(f"UniFuse: `ref` and `deg` must have the same batch size and grid (resample one onto the other's "
-                         f"grid), got {tuple(ref.shape)} and {tuple(deg.shape)}")
-    p = next(self.parameters())
-    dev = p.device
-    if p.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"UniFuse: the model's weights are {p.dtype}; UniFuse keeps its weights in float32 (or float64). "
-                        f"For half precision keep float32 weights and run under torch.autocast(device_type="
-                        f"{dev.type!r}, dtype=torch.bfloat16)")
-    if ref.device != dev or deg.device != dev:
-        raise ValueError(f"UniFuse: inputs are on {ref.device}/{deg.device} but the model is on {dev}; "
-                         f"move them with .to({str(dev)!r})")
-    if dev.type == "meta": return                                       # shapes only: no values to read
-    for name, x in (("ref", ref), ("deg", deg)):
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"UniFuse: `{name}` contains NaN or infinite values; clean or mask them first")
-    lo, hi = float(torch.minimum(ref.min(), deg.min())), float(torch.maximum(ref.max(), deg.max()))
-    if lo < -0.1 or hi > 1.1:
-        warnings.warn(f"UniFuse: intensities span [{lo:.3g}, {hi:.3g}]; the model expects volumes scaled to [0, 1]")
-
-# %% ../nbs/50_model.ipynb #12962ce7
-@patch
-def _check_batch(self:UniFuse, batch):
-    "The training tuple of `make_batch`: keys, shapes, devices and (off `meta`) finite values."
-    need = ("ref", "deg", "deg_label", "ref_moved", "deg_fine", "flow", "label")
-    if not isinstance(batch, dict) or any(k not in batch for k in need):
-        have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ValueError(f"UniFuse.loss: batch must be the dict of unifuse.degrade.make_batch with keys {need}; got {have}")
-    ref, deg = batch["ref"], batch["deg"]
-    self._check(ref, deg)
-    B, size = ref.shape[0], tuple(ref.shape[2:])
-    expect = dict(deg_label=(B, deg.shape[1], *size), ref_moved=(B, 1, *size), deg_fine=(B, deg.shape[1], *size),
-                  flow=(B, 3, *size), label=(B,))
-    for k, shp in expect.items():
-        x = batch[k]
-        if not isinstance(x, Tensor) or tuple(x.shape) != shp:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"UniFuse.loss: batch[{k!r}] must be {shp} to match ref {tuple(ref.shape)} and deg "
-                             f"{tuple(deg.shape)}, got {got}; build batches with unifuse.degrade.make_batch")
-        if x.device != ref.device:
-            raise ValueError(f"UniFuse.loss: batch[{k!r}] is on {x.device}, ref on {ref.device}; move the whole batch to one device")
-    if batch["label"].dtype != torch.long:
-        raise TypeError(f"UniFuse.loss: batch['label'] must be a long tensor of class indices, got {batch['label'].dtype}")
-    if ref.device.type == "meta": return
-    bad = [k for k in ("deg_label", "ref_moved", "deg_fine", "flow") if not bool(torch.isfinite(batch[k]).all())]
-    if bad: raise ValueError(f"UniFuse.loss: batch{bad} contain NaN or infinite values; the training tuple must be finite")
-
-@patch
-def loss(self:UniFuse, batch:dict, # from `unifuse.degrade.make_batch`: ref, deg, deg_label, ref_moved, deg_fine, flow, label
-         generator:torch.Generator|None=None, # for L_moda's random negatives
-        ) -> dict: # ce, moda, reg, ssim, inten, grad, crcb (unweighted) and total (Eq. 15, weighted)
-    "Every term of the total loss (Eq. 15) on one training batch."
-    self._check_batch(batch)
-    cfg, w = self.cfg, self.cfg.loss_weights
-    dtype = next(self.parameters()).dtype
-    b = {k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in batch.items()}
-    ref, deg = b["ref"], b["deg"]
-    m = self.multiple
-    pad = lambda x: pad_to_multiple(x, m)[0]
-    size = tuple(ref.shape[2:])
-    o = self._run(pad(ref), pad(deg))                                   # the training pair {I'_D, I_R}
-    d = o["dapl"]
-    L = dict(ce=self.dapl.ce_loss(d, b["label"]))                       # Eq. 1
-    zero = ref.new_zeros(())
-    if w["moda"] == 0: L["moda"] = zero
-    elif cfg.moda_pairs == "grid":                                      # the literal reading: the same grid cell
-        d2 = self.dapl(pad(luma(b["deg_label"])), pad(b["ref_moved"]), update=False)   # only training pairs move the read-out's statistics
-        fbar_d2, fbar_rp = self.oufr(d2["feat_d_hat"], d2["feat_r"], d2["states"])   # F̄_D, F̄'_R
-        L["moda"] = moda_loss(o["fbar_d"], o["fbar_r"], fbar_d2, fbar_rp,          # Eq. 4: (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
-                              K=cfg.moda_negatives, tau=cfg.moda_tau, generator=generator)
-    else: L["moda"] = self.moda_shifted(b, generator)                  # the same anatomical point of shifted crops
-    flow = crop_to(o["flow"], size)
-    L["reg"] = reg_loss(flow, b["flow"])                                # Eq. 6
-    target_d = crop_to(warp(pad(b["deg_fine"]), o["flow"]), size)       # W(I'_fine, φ_D→R)
-    L.update(fusion_losses(crop_to(o["fused"], size), target_d, ref))   # Eq. 11–13
-    L["total"] = sum(w[k] * L[k] for k in ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb"))  # Eq. 15
-    return L
-
-@patch
-def moda_shifted(self:UniFuse, b:dict, # the training batch (floating tensors in the model's dtype)
-                 generator:torch.Generator|None=None, # for the crops' offsets and the negatives
-                ) -> Tensor: # L_moda (Eq. 4) = L_cont(F̄_D, F̄_R) + L_cont(F̄'_D, F̄'_R) at corresponding tokens of shifted crops
-    "L_moda on the two aligned pairs {I_D, I_R} and {I'_D, I'_R}, each cut into two crops shifted by whole tokens."
-    cfg, B = self.cfg, b["ref"].shape[0]
-    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device if generator is not None else "cpu"))
-    g = torch.Generator().manual_seed(seed)                             # offsets drawn on the CPU, reproducibly
-    m = self.multiple
-    pad = lambda x: pad_to_multiple(x, m)[0]
-    d = pad(torch.cat([luma(b["deg_label"]), luma(b["deg"])]))          # I_D, I'_D: (2B, 1, D, H, W)
-    r = pad(torch.cat([b["ref"], b["ref_moved"]]))                      # I_R, I'_R
-    if cfg.moda_contrast > 0:                                           # each volume its own random contrast
-        d, r = random_contrast(d, cfg.moda_contrast, g), random_contrast(r, cfg.moda_contrast, g)
-    dc, rc, shift = shifted_crops(d, r, cfg.patch, cfg.moda_shift, g, keep=2 * cfg.moda_border + 2)   # anchors left at any size
-    o = self.dapl(dc, rc, update=False)                                 # only training pairs move the read-out's statistics
-    fd, fr = self.oufr(o["feat_d_hat"], o["feat_r"], o["states"])      # (2B, N, M) each
-    pos, mask = correspondence(tuple(x // cfg.patch for x in dc.shape[2:]), shift, cfg.moda_border)
-    pos, mask = pos.to(fd.device), mask.to(fd.device)
-    hard = torch.arange(pos.shape[1], device=fd.device).expand_as(pos)[..., None]   # R's token at the anchor's own cell: another point
-    if cfg.moda_near:                                                   # and the positive's near neighbours: a smooth code fails
-        hard = torch.cat([hard, neighbours(pos, tuple(x // cfg.patch for x in rc.shape[2:]), cfg.moda_near)], -1)
-    cont = lambda s: l_cont(fd[s], fr[s], cfg.moda_negatives, cfg.moda_tau, generator, pos[s], mask[s], hard[s])
-    return cont(slice(0, B)) + cont(slice(B, 2 * B))                    # (F̄_D, F̄_R) + (F̄'_D, F̄'_R)
-
-@patch
-def features(self:UniFuse, ref:Tensor, # I_R (B, 1, D, H, W)
-             deg:Tensor, # I'_D (B, 1 or 3, D, H, W)
-            ) -> tuple: # F̄'_D, F̄_R as FA receives them: (B, M, D'/Q, H'/Q, W'/Q) on the padded grid
-    "The unified features FA matches (after DAPL and OUFR), as volumes."
-    self._check(ref, deg)
-    dtype = next(self.parameters()).dtype
-    rp, dp = (pad_to_multiple(x.to(dtype), self.multiple)[0] for x in (ref, deg))
-    return self._unified(rp, dp, update=False)[1:]
-
-@patch
-def feature_probe(self:UniFuse, ref:Tensor, # I_R (B, 1, D, H, W)
-                  deg:Tensor, # I'_D (B, 1 or 3, D, H, W)
-                  flow_gt:Tensor, # φ_gt (B, 3, D, H, W), voxels
-                 ) -> dict: # content (B,) and margin (B,): see `unifuse.metrics.feature_content` and `correspondence_margin`
-    "Does OUFR's output carry the anatomy of I'_D? Its content (DEG mirrored) and the margin at the true correspondence."
-    with torch.no_grad():
-        fd, fr = self.features(ref, deg)
-        fd_m, _ = self.features(ref, deg.flip(2, 3, 4))                 # the same pair with DEG mirrored along all axes
-        phi = pad_to_multiple(flow_gt.to(fd.dtype), self.multiple)[0]
-        phi_c = resize_flow(phi, tuple(fd.shape[2:]))                   # φ_gt at 1/Q (values ÷Q)
-    return dict(content=feature_content(fd, fd_m), margin=correspondence_margin(fr, fd, fd_m, phi_c))
-
-# %% ../nbs/50_model.ipynb #e412bbad
-@patch
-def checkpoint(self:UniFuse, meta:dict|None=None, # plain-Python facts to keep beside the weights (spacing trained at, steps, ...)
-              ) -> dict: # what `save` writes; training checkpoints add their own keys to it
-    "The checkpoint dict: format, version, config, weights (on the CPU) and `meta`."
-    return dict(format="unifuse-model", format_version=FORMAT_VERSIONS[-1], unifuse_version=unifuse.__version__,
-                config=self.cfg.to_dict(), state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()},
-                meta={**self.meta, **(meta or {})})
-
-@patch
-def save(self:UniFuse, path, # file to write (parent folders are created)
-         meta:dict|None=None, # extra plain-Python facts stored in the file and restored as `model.meta`
-        ):
-    "Write weights, config and `meta` to `path` atomically (a temporary file, then `os.replace`)."
-    with atomic_path(path) as tmp: torch.save(self.checkpoint(meta), tmp)
-    return Path(path)
-
-# %% ../nbs/50_model.ipynb #3647120c
-@patch(cls_method=True)
-def pretrained(cls:UniFuse, name:str="tiny", # which shipped weights: see `UniFuse.shipped()`
-               map_location="cpu", # where to put the tensors
-              ) -> UniFuse:
-    "The weights that ship inside the package (trained on the built-in data; see the model card)."
-    path = _weights_dir() / f"unifuse-{name}.pt"
-    if not path.is_file():
-        have = cls.shipped()
-        raise FileNotFoundError(f"UniFuse.pretrained: no shipped weights named {name!r} (looked for {path.name} in the "
-                                f"package); available: {have or 'none in this installation'}")
-    return cls.load(path, map_location)
-
-@patch(cls_method=True)
-def load(cls:UniFuse, path, # a file written by `UniFuse.save`
-         map_location="cpu", # where to put the tensors
-        ) -> UniFuse:
-    "Rebuild a model from `UniFuse.save`'s file (tensors read with `weights_only=True`)."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"UniFuse.load: no file at {path}")
-    try: dev = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
-    except RuntimeError: raise ValueError(f"UniFuse.load: map_location={map_location!r} is not a device PyTorch knows; "
-                                          f"use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
-    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"UniFuse.load: map_location={str(map_location)!r} but this machine has no CUDA GPU; "
-                         f"load with map_location='cpu'")
-    check_archive(path)                                                     # flipped bytes: refused, not loaded
-    try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"UniFuse.load: {path} is not a readable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
-                         f"the file is truncated, corrupt, or was not written by UniFuse.save") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "unifuse-model":
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"UniFuse.load: {path} is not a UniFuse checkpoint (expected a dict with "
-                         f"format='unifuse-model', found {keys}); write checkpoints with UniFuse.save")
-    if ckpt.get("format_version") not in FORMAT_VERSIONS:
-        raise ValueError(f"UniFuse.load: {path} has format_version={ckpt.get('format_version')!r}, which this unifuse "
-                         f"({unifuse.__version__}) does not know (it reads {FORMAT_VERSIONS}); it was written by unifuse "
-                         f"{ckpt.get('unifuse_version')}: install that version or a newer unifuse")
-    missing = [k for k in ("config", "state_dict") if not isinstance(ckpt.get(k), dict)]
-    if missing:
-        raise ValueError(f"UniFuse.load: {path} has no {' and no '.join(missing)} (a UniFuse checkpoint holds both); "
-                         f"the file was not written by UniFuse.save")
-    bad = [k for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(f"UniFuse.load: {path} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}): a diverged "
-                         f"run? Use an earlier checkpoint (best.pt) of that run")
-    model = cls(UniFuseConfig.from_dict(ckpt["config"]))
-    try: model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"UniFuse.load: the weights in {path} do not fit the model its config builds "
-                         f"(written by unifuse {ckpt.get('unifuse_version')}): {str(e)[:300]}") from e
-    model.meta = dict(ckpt.get("meta") or {})
-    return model.to(dev) if dev is not None else model

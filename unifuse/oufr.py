@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 from einops import rearrange
 from .config import UniFuseConfig
 from .ssm import MambaBlock
-from .dapl import PatchEmbed, to_volume, to_tokens
+from .dapl import PatchEmbed
+from .blocks import to_volume, to_tokens
 from .layers import Conv3d, on_fast_path
 
 # %% auto #0

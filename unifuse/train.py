@@ -6,507 +6,34 @@ Docs: https://unifuse.github.io/unifuse/train.html.md"""
 
 # %% ../nbs/90_train.ipynb #13e048ab
 from __future__ import annotations
-import argparse, ast, contextlib, copy, csv, dataclasses, io, json, math, os, random, shutil, sys, time, warnings
-from dataclasses import dataclass, field
+import argparse, ast, contextlib, dataclasses, math, os, random, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
-from fastcore.basics import patch
-from .config import UniFuseConfig, LOSS_TERMS
+from .config import UniFuseConfig
 from .model import UniFuse
-from .files import atomic_path, write_bytes, write_json, write_text, check_archive
+from .files import atomic_path, write_json, check_archive
 from .launch import LoadMeter, threads_for
-from .degrade import DEFAULT_RANGES, Ranges, make_batch
 from .colour import luma
 from . import data as udata
+from .recipe import (
+    CosineSchedule, HELP, LOSS_KEYS, LOWER_IS_BETTER, PRESETS, READERS, TASK_NAMES, TEST_SEED0, TrainConfig, VAL_KEYS)
+from .pool import (
+    BuiltinSubjects, ReaderSubjects, SubjectBuffer, VAL_SEED0, _seed, batch_plan, load_entry, make_pairs, shard, warm_cache)
+from .runlog import RunLog
+from .recipe import physical_ranges  # noqa: F401  (public import paths: these lived here before)
+from .pool import builtin_grid  # noqa: F401
+from .device import resolve_device
+from .cli import Parser, UserError, one_line, run, user_input
+
 
 # %% auto #0
-__all__ = ['TINY_STEPS', 'PAPER_STEPS', 'TASK_NAMES', 'READERS', 'LOSS_KEYS', 'VAL_KEYS', 'LOWER_IS_BETTER', 'TEST_SEED0', 'HELP',
-           'PRESETS', 'MODALITIES', 'BRAIN_LABELS', 'FOV_MM', 'VAL_SEED0', 'CSV_COLUMNS', 'RUN_FILES', 'TrainConfig',
-           'CosineSchedule', 'lr_at', 'physical_ranges', 'builtin_grid', 'BuiltinSubjects', 'ReaderSubjects',
-           'load_entry', 'warm_cache', 'cut', 'task_of', 'batch_plan', 'shard', 'make_pairs', 'SubjectBuffer',
-           'validation_set', 'validate', 'heldout_set', 'alignment_check', 'rng_state', 'set_rng_state',
-           'load_training_checkpoint', 'RunLog', 'TrainingStopped', 'resolve_device', 'make_reader', 'Trainer',
-           'check_out', 'train', 'config_from_args', 'main']
-
-# %% ../nbs/90_train.ipynb #6439a1a9
-TINY_STEPS = 150  # the step budget of `tiny`: `unifuse-train --preset tiny` ends within 10 minutes on a 2-core CPU, pool included
-PAPER_STEPS = 500 * math.ceil(369 / 3)  # 500 epochs of BraTS2020's 369 training pairs at batch 3 (§4.1, §4.2)
-TASK_NAMES = ("mri", "ct", "pet")
-READERS = {"brats2020": "BraTS2020", "synthrad2023": "SynthRAD2023", "petct": "PETCT", "csv": "CSVPairs"}
-LOSS_KEYS = ("total",) + tuple(LOSS_TERMS)  # what `UniFuse.loss` returns
-VAL_KEYS = ("total", "Q_mse", "Q_cc", "Q_psnr", "Q_scd", "Q_vif", "Q_ssim", "Q_viff", "align_mse", "align_cc",
-            "align_ssim", "align_dice", "align_folding", "epe_mm", "epe_ratio", "content", "margin", "acc")  # what a validation pass reports
-LOWER_IS_BETTER = {"total", "Q_mse", "align_mse", "align_folding", "epe_mm", "epe_ratio"}
-TEST_SEED0 = 300_000  # first built-in subject of the held-out test block (no training run or validation sees it)
-
-HELP = {  # one line per field: the `--help` of unifuse-train and the table below
-    "preset": "the named recipe these settings started from",
-    "model": "UniFuseConfig fields (sizes, ablation switches, loss weights); --cfg KEY=VALUE changes one",
-    "dataset": "'builtin' (synthetic heads, no download) or a reader of unifuse.data: brats2020, synthrad2023, petct, csv",
-    "root": "the dataset folder of a reader (for csv: the CSV file); its training split is used",
-    "tasks": "tasks to train (built-in data); a reader's data fixes its own",
-    "spacing_mm": "voxel spacing trained at, mm (built-in heads: 224 mm field of view, so 1.5 mm is 150³)",
-    "pool_size": "built-in subjects in the pool (made once, cached on disk)",
-    "pool_buffer": "subjects kept in memory on the training device; a larger pool streams through it",
-    "pool_refresh": "steps between replacing one buffered subject (streaming pools only)",
-    "workers": "DataLoader worker processes that make and load the subjects",
-    "crop": "side of the training crops, voxels",
-    "scale": "random zoom of a crop: input voxels per output voxel, drawn in [LOW, HIGH]",
-    "p_strip": "probability that a built-in crop is skull-stripped (brain mask from the tissue labels)",
-    "p_brain": "probability that a built-in crop is centred inside the brain (else anywhere in the head)",
-    "rotation_deg": "misalignment: largest rotation about each axis, degrees",
-    "translation_mm": "misalignment: largest shift along each axis, mm",
-    "deformation_mm": "misalignment: largest displacement of the smooth deformation, mm",
-    "motion_translation_mm": "MRI motion artefacts: largest head shift during the scan at strength 0 and 1, mm",
-    "ranges": "other fields of unifuse.degrade.Ranges (degradation strengths); --range KEY=VALUE changes one",
-    "steps": "optimiser steps (the cosine schedule ends at the last one)",
-    "epochs": "instead of --steps: passes over the training pairs (ceil(pairs / batch) steps each)",
-    "batch": "pairs per step, all processes together (the global batch)",
-    "accum": "split each step into this many micro-batches per process (gradient accumulation)",
-    "lr": "AdamW learning rate at the start",
-    "lr_min": "learning rate at the last step (cosine annealing)",
-    "warmup": "fraction of the steps (0 to 0.5) of linear warm-up before the cosine (0: none, as in the paper)",
-    "weight_decay": "AdamW weight decay",
-    "clip": "clip the gradients' l2-norm at this value (0: no clipping)",
-    "amp": "mixed precision: auto (bf16 on CUDA, none elsewhere), bf16, fp16 or none",
-    "compile": "torch.compile the loss computation (off by default)",
-    "seed": "seed of the model's initial weights and of every random draw of the data",
-    "max_bad_steps": "stop after this many non-finite steps in a row",
-    "log_every": "steps between rows of metrics.csv (and updates of train.log)",
-    "val_every": "steps between validation passes (0: four per run); also at step 0 and at the end",
-    "ckpt_every": "steps between checkpoints (0: at every validation); also at the end",
-    "val_subjects": "held-out built-in subjects for validation (one pair per task each; every second one skull-stripped)",
-    "val_crop": "side of the validation crops, voxels (at least 17: VIF's smallest window)",
-    "best_metric": "validation metric that picks best.pt: total (the loss of Eq. 15 on the held-out pairs), or a Q or alignment metric",
-}
-
-# %% ../nbs/90_train.ipynb #56b71929
-def _tiny_model(): return UniFuseConfig.tiny().to_dict()
-
-@dataclass
-class TrainConfig:
-    "Every setting of a training run (see `HELP` for each field); `TrainConfig.preset(name, **overrides)`."
-    preset:str="tiny"
-    model:dict=field(default_factory=_tiny_model)
-    # data
-    dataset:str="builtin"
-    root:str|None=None
-    tasks:tuple=TASK_NAMES
-    spacing_mm:float=1.5
-    pool_size:int=8
-    pool_buffer:int=64
-    pool_refresh:int=4
-    workers:int=2
-    crop:int=48
-    scale:tuple=(0.85, 1.15)
-    p_strip:float=0.3
-    p_brain:float=0.5
-    rotation_deg:float=7.5
-    translation_mm:float=6.0
-    deformation_mm:float=4.0
-    motion_translation_mm:tuple=(0.5, 4.0)
-    ranges:dict=field(default_factory=dict)
-    # optimisation
-    steps:int=TINY_STEPS
-    batch:int=3
-    accum:int=1
-    lr:float=2e-3
-    lr_min:float=2e-5
-    warmup:float=0.0
-    weight_decay:float=0.01
-    clip:float=1.0
-    amp:str="auto"
-    compile:bool=False
-    seed:int=0
-    max_bad_steps:int=5
-    # monitoring
-    log_every:int=5
-    val_every:int=0
-    ckpt_every:int=0
-    val_subjects:int=2
-    val_crop:int=48
-    best_metric:str="total"
-
-    def __post_init__(self):
-        def need(ok, name, what):
-            if not ok: raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {what}, got {getattr(self, name)!r}")
-        isint = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-        isnum = lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
-        self.tasks = tuple([self.tasks] if isinstance(self.tasks, str) else self.tasks)
-        self.scale, self.motion_translation_mm = tuple(self.scale), tuple(self.motion_translation_mm)
-        if isinstance(self.ranges, dict):                          # JSON gives lists where Ranges holds tuples
-            self.ranges = {k: tuple(v) if isinstance(v, list) else v for k, v in self.ranges.items()}
-        need(self.dataset in ("builtin", *READERS), "dataset", f"'builtin' or one of {tuple(READERS)}")
-        need(len(self.tasks) > 0 and len(set(self.tasks)) == len(self.tasks) and set(self.tasks) <= set(TASK_NAMES),
-             "tasks", f"distinct tasks among {TASK_NAMES}")
-        need(isnum(self.spacing_mm) and 0.2 <= self.spacing_mm <= 28, "spacing_mm", "a voxel spacing in mm between 0.2 and 28")
-        for k in ("pool_size", "pool_buffer", "pool_refresh", "steps", "batch", "accum", "max_bad_steps", "log_every"):
-            need(isint(getattr(self, k)) and getattr(self, k) >= 1, k, "an int >= 1")
-        for k in ("workers", "val_every", "ckpt_every", "val_subjects", "seed"):
-            need(isint(getattr(self, k)) and getattr(self, k) >= 0, k, "an int >= 0")
-        need(isint(self.crop) and self.crop >= 8, "crop", "an int >= 8 (voxels)")
-        need(isint(self.val_crop) and self.val_crop >= 17, "val_crop", "an int >= 17 (VIF needs 17 voxels along each axis)")
-        need(len(self.scale) == 2 and all(isnum(s) for s in self.scale) and 0 < self.scale[0] <= self.scale[1] <= 4,
-             "scale", "(low, high) with 0 < low <= high <= 4")
-        for k in ("p_strip", "p_brain"): need(isnum(getattr(self, k)) and 0 <= getattr(self, k) <= 1, k, "a probability in [0, 1]")
-        for k in ("rotation_deg", "translation_mm", "deformation_mm", "weight_decay", "clip"):
-            need(isnum(getattr(self, k)) and getattr(self, k) >= 0, k, "a number >= 0")
-        need(len(self.motion_translation_mm) == 2 and all(isnum(m) and m >= 0 for m in self.motion_translation_mm),
-             "motion_translation_mm", "two numbers >= 0 (mm at strength 0 and 1)")
-        need(self.batch % self.accum == 0, "batch", f"a multiple of accum={self.accum} (micro-batches of equal size)")
-        need(isnum(self.lr) and self.lr > 0, "lr", "a number > 0")
-        need(isnum(self.lr_min) and 0 <= self.lr_min <= self.lr, "lr_min", f"a number in [0, lr={self.lr}]")
-        need(isnum(self.warmup) and 0 <= self.warmup <= 0.5, "warmup", "a fraction of the steps in [0, 0.5]")
-        need(self.amp in ("auto", "bf16", "fp16", "none"), "amp", "'auto', 'bf16', 'fp16' or 'none'")
-        need(isinstance(self.compile, bool), "compile", "True or False")
-        need(self.best_metric in VAL_KEYS, "best_metric", f"one of {VAL_KEYS}")
-        if self.dataset != "builtin": need(self.root is not None, "root", f"a folder (--dataset {self.dataset} reads it)")
-        if self.dataset == "builtin": need(self.root is None, "root", "None for the built-in data (give --dataset too)")
-        fields = {f.name for f in dataclasses.fields(Ranges)}
-        mm = {"rotation_deg", "translation", "deformation", "motion_translation", "ct_fov_mm"}
-        bad = sorted(set(self.ranges) - fields) + sorted(set(self.ranges) & mm)
-        if bad: raise ValueError(f"ranges (--range) cannot set {bad}: the fields of unifuse.degrade.Ranges are {sorted(fields)}, "
-                                 f"and the misalignment is set in mm and degrees (--rotation-deg, --translation-mm, "
-                                 f"--deformation-mm, --motion-translation-mm; ct_fov_mm follows the crop)")
-        DEFAULT_RANGES.replace(**self.ranges)                      # validates the values
-        if not isinstance(self.model, dict): raise TypeError(f"model must be a dict of UniFuseConfig fields, got {type(self.model).__name__}")
-        self.model = UniFuseConfig.from_dict(self.model).to_dict()  # validated and complete
-
-# %% ../nbs/90_train.ipynb #1ea57b6f
-@patch(cls_method=True)
-def preset(cls:TrainConfig, name:str="tiny", # "tiny", "cpu", "short" or "paper"
-           **overrides) -> TrainConfig:
-    "A named recipe with some fields changed."
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (--preset): expected one of {tuple(PRESETS)}")
-    d = dict(PRESETS[name])
-    d["model"] = (UniFuseConfig() if d.pop("network") == "paper" else UniFuseConfig.tiny()).to_dict()
-    if isinstance(overrides.get("model"), dict): d["model"] = {**d["model"], **overrides.pop("model")}
-    return cls(preset=name, **{**d, **overrides})
-
-@patch
-def replace(self:TrainConfig, **kw) -> TrainConfig:
-    "A copy with some fields changed (validated again)."
-    return dataclasses.replace(self, **kw)
-
-@patch
-def model_config(self:TrainConfig) -> UniFuseConfig: return UniFuseConfig.from_dict(self.model)
-
-@patch
-def to_dict(self:TrainConfig) -> dict:
-    "Plain Python (what checkpoints and config.json store)."
-    d = dataclasses.asdict(self)
-    for k, v in d.items():
-        if isinstance(v, tuple): d[k] = list(v)
-    d["ranges"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["ranges"].items()}
-    return d
-
-@patch(cls_method=True)
-def from_dict(cls:TrainConfig, d:dict) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown: raise ValueError(f"TrainConfig.from_dict: unknown fields {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**d)
-
-@patch(as_prop=True)
-def warmup_steps(self:TrainConfig) -> int: return int(round(self.warmup * self.steps))
-@patch(as_prop=True)
-def val_interval(self:TrainConfig) -> int: return self.val_every or max(1, round(self.steps / 4))
-@patch(as_prop=True)
-def ckpt_interval(self:TrainConfig) -> int: return self.ckpt_every or self.val_interval
-
-# %% ../nbs/90_train.ipynb #083879c8
-PRESETS = {  # field values of each named recipe (`network`: UniFuseConfig.tiny() or the paper's UniFuseConfig())
-    "tiny":  dict(network="tiny", crop=48, val_crop=48, batch=3, steps=TINY_STEPS, lr=2e-3, lr_min=2e-5, warmup=0.1,
-                  pool_size=8, val_subjects=2, log_every=5, val_every=0, ckpt_every=0, workers=2),
-    "cpu":   dict(network="tiny", crop=48, val_crop=48, batch=3, steps=2_000, lr=1e-3, lr_min=1e-5, warmup=0.05,
-                  pool_size=24, val_subjects=2, log_every=10, val_every=200, ckpt_every=100, workers=2),
-    "short": dict(network="paper", crop=160, val_crop=160, batch=3, steps=PAPER_STEPS // 10, lr=1e-4, lr_min=1e-6,
-                  warmup=0, pool_size=64, val_subjects=2, log_every=50, val_every=500, ckpt_every=500, workers=8),
-    "paper": dict(network="paper", crop=160, val_crop=160, batch=3, steps=PAPER_STEPS, lr=1e-4, lr_min=1e-6, warmup=0,
-                  pool_size=64, val_subjects=2, log_every=50, val_every=2000, ckpt_every=500, workers=8),
-}
-
-# %% ../nbs/90_train.ipynb #59697daf
-class CosineSchedule:
-    "LR factor of update `k`: optional linear warm-up, then cosine from 1 to lr_min/lr at the last update."
-    def __init__(self, steps:int, lr:float, lr_min:float, warmup:int=0):
-        self.steps, self.lr, self.lr_min, self.warmup = int(steps), float(lr), float(lr_min), int(warmup)
-    def __call__(self, k:int) -> float:
-        if k < self.warmup: return (k + 1) / self.warmup
-        T = max(1, self.steps - 1 - self.warmup)
-        t = min(max(k - self.warmup, 0), T) / T
-        return (self.lr_min + (self.lr - self.lr_min) * 0.5 * (1 + math.cos(math.pi * t))) / self.lr
-
-def lr_at(cfg:TrainConfig, k:int) -> float:
-    "Learning rate of update `k` (0-based) of a run."
-    return cfg.lr * CosineSchedule(cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)(k)
-
-# %% ../nbs/90_train.ipynb #8ecfbe7e
-def physical_ranges(cfg:TrainConfig, # rotation_deg, translation_mm, deformation_mm, motion_translation_mm, ranges
-                    spacing_mm:float, # spacing of the crop's voxels (after its random zoom)
-                    crop:int, # side of the crop, voxels
-                   ) -> Ranges: # for `make_batch` on that crop
-    "`Ranges` for a crop of `crop` voxels at `spacing_mm`: the run's degrees and millimetres as fractions of the crop."
-    extent = float(crop) * float(spacing_mm)                      # mm along each axis
-    r = DEFAULT_RANGES.replace(**cfg.ranges) if cfg.ranges else DEFAULT_RANGES
-    return r.replace(rotation_deg=float(cfg.rotation_deg), translation=cfg.translation_mm / extent,
-                     deformation=cfg.deformation_mm / extent,
-                     motion_translation=tuple(m / extent for m in cfg.motion_translation_mm), ct_fov_mm=extent)
-
-# %% ../nbs/90_train.ipynb #8dbe9e35
-MODALITIES = ("MRI-T1", "MRI-T2", "CT", "PET")  # channels of a built-in pool subject
-BRAIN_LABELS = (1, 2, 3, 6)  # csf, grey matter, white matter, lesion (unifuse.data.LABELS): what skull stripping keeps
-FOV_MM = 224.0  # the built-in field of view
-VAL_SEED0 = 200_000  # first built-in subject of the validation block
-
-def builtin_grid(spacing_mm:float) -> tuple[int, float]:
-    "Voxels per side of the built-in 224 mm field of view at about `spacing_mm`, and the exact spacing."
-    n = math.ceil(FOV_MM / spacing_mm - 1e-6)
-    return n, FOV_MM / n
-
-def _box(vol:Tensor, fg:Tensor|None=None) -> list:
-    "Foreground bounding box [[lo, hi), ...] of a (C, D, H, W) volume, or of a (D, H, W) mask `fg` (the whole grid when empty)."
-    fg = vol.float().amax(0) > 0.05 if fg is None else fg
-    out = []
-    for ax in range(3):
-        hit = fg.any(dim=[a for a in range(3) if a != ax]).nonzero()
-        out.append([int(hit[0]), int(hit[-1]) + 1] if len(hit) else [0, fg.shape[ax]])
-    return out
-
-def _save_entry(path:Path, entry:dict) -> Path:
-    with atomic_path(path) as tmp: torch.save(entry, tmp)
-    return path
-
-def _cached(path:Path, make) -> str:
-    "The path of a pool entry: made (and written atomically) unless a readable one is there."
-    if path.is_file():
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True); return str(path)
-        except Exception: pass                                   # unreadable: make it again
-    _save_entry(path, make())
-    return str(path)
-
-# %% ../nbs/90_train.ipynb #d51fc673
-class BuiltinSubjects(torch.utils.data.Dataset):
-    "Built-in heads at one spacing, cached in `cache_dir`: item i makes (or finds) subject `seeds[i]` and returns its file."
-    def __init__(self, seeds, # built-in subject seeds
-                 spacing_mm:float, # about this spacing (see `builtin_grid`)
-                 cache_dir, # folder of the cached subjects
-                ):
-        self.seeds, self.cache_dir = [int(s) for s in seeds], Path(cache_dir)
-        self.size, self.spacing = builtin_grid(spacing_mm)
-    def __len__(self): return len(self.seeds)
-    def path(self, i): return self.cache_dir / f"builtin{self.size}_{self.seeds[i]:07d}.pt"
-    def make(self, i) -> dict:
-        s = udata.builtin_subject(self.seeds[i], self.size, MODALITIES)
-        vol = torch.cat([s[m] for m in MODALITIES]).half()          # (4, D, H, W)
-        return dict(vol=vol, labels=s["labels"].to(torch.uint8), mods=MODALITIES, tasks=TASK_NAMES,
-                    box=_box(vol), spacing_mm=self.spacing, id=f"builtin-{self.seeds[i]}")   # brain_box: `load_entry`
-    def __getitem__(self, i) -> str: return _cached(self.path(i), lambda: self.make(i))
-
-class ReaderSubjects(torch.utils.data.Dataset):
-    "A reader's pairs resampled to `spacing_mm`, cached in `cache_dir`: item i returns the file of pair i."
-    def __init__(self, reader, # a `unifuse.data.PairDataset` (BraTS2020, SynthRAD2023, PETCT, CSVPairs) on its native grids
-                 spacing_mm:float, # isotropic spacing to resample to
-                 cache_dir):
-        self.reader, self.spacing, self.cache_dir = reader, float(spacing_mm), Path(cache_dir)
-    def __len__(self): return len(self.reader)
-    def path(self, i):
-        it = self.reader.items[i]
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(it["id"]))
-        return self.cache_dir / f"{self.reader.dataset}_{self.spacing:g}mm_{safe}.pt"
-    def make(self, i) -> dict:
-        p = self.reader[i]
-        aff = np.asarray(p["affine"], dtype=np.float64)
-        vs = np.linalg.norm(aff[:3, :3], axis=0)                      # voxel sizes (mm) of the reference grid
-        size = [max(4, int(round(n * v / self.spacing))) for n, v in zip(p["ref"].shape[1:], vs)]
-        vol = torch.cat([p["ref"], p["other"]]).float()[None]       # (1, 2, D, H, W)
-        vol = F.interpolate(vol, size=size, mode="trilinear", align_corners=False)[0].clamp(0, 1).half()
-        return dict(vol=vol, labels=None, mods=tuple(udata.TASKS[p["task"]]), tasks=(p["task"],), box=_box(vol),
-                    spacing_mm=self.spacing, id=str(p["id"]))
-    def __getitem__(self, i) -> str: return _cached(self.path(i), lambda: self.make(i))
-
-# %% ../nbs/90_train.ipynb #417e3d75
-def load_entry(path, # a pool file
-               device="cpu") -> dict:
-    "Read a pool entry onto `device`."
-    e = torch.load(path, map_location=device, weights_only=True)
-    e["mods"], e["tasks"] = tuple(e["mods"]), tuple(e["tasks"])
-    if e["labels"] is not None and "brain_box" not in e:                 # where brain-centred crops are centred
-        e["brain_box"] = _box(e["vol"], torch.isin(e["labels"], torch.tensor(BRAIN_LABELS, device=e["labels"].device)))
-    return e
-
-def warm_cache(datasets:list, # pool datasets whose items to make
-               workers:int=2, # DataLoader worker processes
-               progress:bool=False, # a progress bar
-               desc:str="pool") -> list[str]:
-    "Make every missing item of `datasets` in DataLoader workers (in parallel); return the files in order."
-    ds = torch.utils.data.ConcatDataset(datasets)
-    todo = [i for i in range(len(ds)) if not _is_cached(ds, i)]
-    if todo and workers > 0:
-        dl = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, todo), batch_size=None,
-                                         num_workers=min(workers, len(todo)))
-        for _ in tqdm(dl, total=len(todo), desc=desc, unit="subject", disable=not progress, leave=False): pass
-    return [ds[i] for i in range(len(ds))]                    # made already, or made here (workers=0)
-
-def _is_cached(ds, i):
-    k = next(j for j, c in enumerate(ds.cumulative_sizes) if i < c)
-    sub = ds.datasets[k]; i0 = i - (ds.cumulative_sizes[k - 1] if k else 0)
-    return sub.path(i0).is_file()
-
-# %% ../nbs/90_train.ipynb #5d641245
-def cut(vol:Tensor, # (C, D, H, W) a subject's volumes (any float dtype), on the training device
-        centre, # crop centre in voxels of `vol` (3 floats)
-        size:int, # crop side, output voxels
-        scale:float=1.0, # input voxels per output voxel (> 1 zooms out)
-        labels:Tensor|None=None, # (D, H, W) integer tissue labels: cut along (nearest) when given
-        channels=None, # channels of `vol` to cut (default all)
-        strip:bool=False, # keep only the brain (needs `labels`)
-       ) -> tuple: # (len(channels), size, size, size) float32 crop, and (size, size, size) long labels or None
-    "Cut a zoomed crop out of a volume with one `grid_sample` (zeros outside); optionally skull-strip it."
-    dev, shape = vol.device, vol.shape[1:]
-    ch = list(range(vol.shape[0])) if channels is None else list(channels)
-    if strip and labels is None: raise ValueError("cut: strip=True needs the tissue `labels` (the brain mask comes from them)")
-    half = (size - 1) / 2 * float(scale)
-    lo = [min(max(0, math.floor(c - half)), n - 2) for c, n in zip(centre, shape)]    # the sub-box the crop touches
-    hi = [max(min(n, math.ceil(c + half) + 1), l + 2) for c, n, l in zip(centre, shape, lo)]
-    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-    sub = vol[(ch, *box)].float()                                                      # (c, d, h, w)
-    t = torch.arange(size, device=dev, dtype=torch.float32) - (size - 1) / 2
-    axes = [((t * float(scale) + float(c) - l) / (h - l - 1)) * 2 - 1 for c, l, h in zip(centre, lo, hi)]
-    gd, gh, gw = torch.meshgrid(*axes, indexing="ij")
-    grid = torch.stack([gw, gh, gd], -1)[None]                                       # (1, n, n, n, 3): x = W, y = H, z = D
-    out = F.grid_sample(sub[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-    lab_out = None
-    if labels is not None:
-        lab = labels[box].float()[None, None]                                          # (1, 1, d, h, w)
-        lab_out = F.grid_sample(lab, grid, mode="nearest", padding_mode="zeros", align_corners=True)[0, 0].round().long()
-        if strip:                                                                      # the brain mask of the cut labels
-            brain = torch.isin(lab_out, torch.tensor(BRAIN_LABELS, device=dev))
-            out, lab_out = out * brain, lab_out * brain
-    return out, lab_out
-
-# %% ../nbs/90_train.ipynb #08a7f268
-def _seed(*keys:int) -> int:
-    "A 63-bit seed from integers (numpy SeedSequence: the same on every platform)."
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-def task_of(n:int, # sample number in the run (step * batch + index)
-            tasks:tuple, # the run's tasks
-            seed:int=0) -> str:
-    "The task of sample `n`: rounds of len(tasks) samples hold each task once, in a shuffled order."
-    T = len(tasks)
-    perm = torch.randperm(T, generator=torch.Generator().manual_seed(_seed(seed, 2, n // T)))
-    return tasks[int(perm[n % T])]
-
-# %% ../nbs/90_train.ipynb #e7795c54
-def batch_plan(cfg:TrainConfig, step:int, # step number (0-based)
-               slots:list, # per buffered subject: (tasks it serves, has labels, head box, brain box or None)
-              ) -> list[dict]: # one dict per sample of the global batch
-    "Every random choice of one step's global batch, from a generator seeded by (seed, step)."
-    g = torch.Generator().manual_seed(_seed(cfg.seed, 1, step))
-    plan = []
-    have = [t for t in cfg.tasks if any(t in s[0] for s in slots)]
-    if not have: raise ValueError(f"no buffered subject serves the tasks {cfg.tasks}")
-    for i in range(cfg.batch):
-        task = task_of(step * cfg.batch + i, cfg.tasks, cfg.seed)
-        if task not in have: task = have[(step * cfg.batch + i) % len(have)]   # a reader's pool may lack a task
-        cand = [j for j, s in enumerate(slots) if task in s[0]]
-        j = cand[int(torch.randint(len(cand), (1,), generator=g))]
-        u = torch.rand(6, generator=g, dtype=torch.float64).tolist()
-        box = slots[j][3] if (slots[j][3] is not None and u[5] < cfg.p_brain) else slots[j][2]
-        plan.append(dict(task=task, slot=j, scale=cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * u[0],
-                         centre=[b[0] + f * (b[1] - b[0] - 1) for b, f in zip(box, u[1:4])],
-                         strip=bool(slots[j][1] and u[4] < cfg.p_strip),
-                         seed=int(torch.randint(2 ** 62, (1,), generator=g))))
-    return plan
-
-def shard(plan:list, k:int, # shard index: rank * accum + micro-batch
-          n:int, # shards per step: world size * accum
-         ) -> list:
-    "Shard k of n of a plan (equal parts)."
-    b = len(plan) // n
-    return plan[k * b:(k + 1) * b]
-
-# %% ../nbs/90_train.ipynb #69ad3d3d
-def make_pairs(plan:list, # (part of) a plan
-               entries:list, # the buffered subjects (`load_entry` dicts, on the device)
-               cfg:TrainConfig, device, *,
-               clean:bool=False, # let `make_batch` draw the "clean" class (4-class models)
-               check:bool=False, # make_batch's value checks (one host sync each)
-               with_labels:bool=False, # also return the cut tissue labels
-               crop:int|None=None, # crop side (default cfg.crop)
-               colour:str|None=None, # a colour map for colour models (`make_batch(colour=...)`), None for grey
-              ) -> dict: # make_batch's dict for the plan's samples
-    "Cut, (skull-strip,) degrade and move the samples of a plan on `device`: one training batch."
-    out, labs = [], []
-    crop = cfg.crop if crop is None else crop
-    for p in plan:
-        e = entries[p["slot"]]
-        ch = [e["mods"].index(m) for m in udata.TASKS[p["task"]]]
-        x, lab = cut(e["vol"], p["centre"], crop, p["scale"], e["labels"] if (p["strip"] or with_labels) and e["labels"] is not None else None,
-                     ch, p["strip"])
-        g = torch.Generator(device=device).manual_seed(p["seed"])
-        kw = dict(colour=colour) if colour else {}                   # colour models: PET through a colour map (Eq. 13)
-        out.append(make_batch(x[0:1][None], x[1:2][None], p["task"], clean=clean, generator=g, check=check,
-                              ranges=physical_ranges(cfg, e["spacing_mm"] * p["scale"], crop), **kw))
-        labs.append(lab)
-    b = {k: torch.cat([o[k] for o in out]) for k in out[0] if k != "task"}
-    b["task"] = [t for o in out for t in o["task"]]
-    if with_labels: b["labels"] = labs
-    return b
-
-# %% ../nbs/90_train.ipynb #63af645c
-class _Sequence(torch.utils.data.Sampler):
-    "Pool indices from position `start` of an endless sequence of shuffled rounds of the pool (seeded)."
-    def __init__(self, n, seed, start): self.n, self.seed, self.start = n, seed, start
-    def __iter__(self):
-        q = self.start
-        while True:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed(self.seed, 4, q // self.n)))
-            yield int(perm[q % self.n]); q += 1
-
-class SubjectBuffer:
-    "The pool subjects a process keeps on its training device: all of a small pool, or a window streamed through."
-    def __init__(self, pool, # a pool dataset (items are files): BuiltinSubjects or ReaderSubjects
-                 capacity:int, # subjects kept in memory
-                 refresh:int, # steps between replacing one subject (when the pool is larger than `capacity`)
-                 seed:int, device, # the run's seed; the training device
-                 workers:int=2, # worker processes of the streaming DataLoader
-                 step:int=0, # the step training starts at (a resumed run)
-                 files:list|None=None, # the pool's files when already made (a small pool)
-                ):
-        self.n, self.device, self.refresh = len(pool), device, int(refresh)
-        self.K = min(int(capacity), self.n)
-        self.streaming = self.K < self.n
-        if not self.streaming:
-            files = files if files is not None else [pool[i] for i in range(self.n)]
-            self.entries = [load_entry(f, device) for f in files]
-            return
-        self.pos = self.K + step // self.refresh                        # sequence position of the next subject
-        dl = torch.utils.data.DataLoader(pool, batch_size=None, sampler=_Sequence(self.n, seed, self.pos - self.K),
-                                         num_workers=workers, persistent_workers=workers > 0,
-                                         prefetch_factor=2 if workers > 0 else None)
-        self._it = iter(dl)
-        self.entries = [None] * self.K
-        for q in range(self.pos - self.K, self.pos): self.entries[q % self.K] = load_entry(next(self._it), device)
-
-    def advance(self, step:int):
-        "Bring the buffer to what step `step` uses."
-        if not self.streaming: return
-        while self.pos < self.K + step // self.refresh:
-            self.entries[self.pos % self.K] = load_entry(next(self._it), self.device); self.pos += 1
-
-    @property
-    def slots(self) -> list: return [(e["tasks"], e["labels"] is not None, e["box"], e.get("brain_box")) for e in self.entries]
-
-    def close(self): self._it = None
+__all__ = ['RUN_FILES', 'validation_set', 'validate', 'heldout_set', 'alignment_check', 'rng_state', 'set_rng_state',
+           'load_training_checkpoint', 'TrainingStopped', 'make_reader', 'Trainer', 'check_out', 'prepare_run', 'train',
+           'config_from_args', 'main']
 
 # %% ../nbs/90_train.ipynb #9ab664ed
 def validation_set(entries:list, # held-out built-in subjects (`load_entry` dicts)
@@ -642,132 +169,6 @@ def load_training_checkpoint(path, # a checkpoint.pt / best.pt written by unifus
     if miss: raise ValueError(f"{path}: the training state lacks {miss}; the file was not written by this version of unifuse-train")
     return ck
 
-# %% ../nbs/90_train.ipynb #694a576a
-CSV_COLUMNS = (["step", "lr"] + [f"loss_{k}" for k in LOSS_KEYS] +
-               ["grad_norm", "skipped", "steps_per_s", "step_ms", "data_ms", "elapsed_s"] + [f"val_{k}" for k in VAL_KEYS])
-
-def _plot_progress(rows:list, best_metric:str):
-    "progress.png: losses, validation metrics, learning rate against the step."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(13, 3.1), dpi=80)
-    axs = fig.subplots(1, 4)
-    num = lambda r, k: float(r[k]) if r.get(k) not in (None, "") else None
-    tr = [r for r in rows if num(r, "loss_total") is not None]
-    va = [r for r in rows if num(r, "val_total") is not None]
-    st = lambda rs: [int(r["step"]) for r in rs]
-    if tr: axs[0].plot(st(tr), [num(r, "loss_total") for r in tr], label="train (Eq. 15)")
-    if va: axs[0].plot(st(va), [num(r, "val_total") for r in va], "o-", ms=3, label="validation")
-    axs[0].set_title("total loss", fontsize=9)
-    for k in LOSS_TERMS:
-        v = [num(r, f"loss_{k}") for r in tr]
-        if tr and any(x for x in v): axs[1].plot(st(tr), v, label=k)
-    axs[1].set_title("loss terms (train)", fontsize=9)
-    for ax in axs[:2]:
-        if tr or va: ax.set_yscale("log")
-    if va:
-        lines = [axs[2].plot(st(va), [num(r, f"val_{k}") for r in va], "o-", ms=3, color=c, label=k)[0]
-                 for k, c in (("Q_ssim", "C2"), ("Q_vif", "C0"), ("Q_cc", "C1"))]
-        ax2 = axs[2].twinx()
-        epe = [num(r, "val_epe_mm") for r in va]
-        lines += ax2.plot(st(va), epe, "s--", ms=3, color="C3", label="flow error, mm (right)")
-        ax2.set_ylim(0, 1.15 * max([e for e in epe if e is not None] or [1])); ax2.tick_params(labelsize=7)
-        m = [num(r, f"val_{best_metric}") for r in va]
-        ok = [(v, int(r["step"])) for v, r in zip(m, va) if v is not None and math.isfinite(v)]
-        if ok:
-            b = (min if best_metric in LOWER_IS_BETTER else max)(ok)[1]
-            lines.append(axs[2].axvline(b, color="gray", ls=":", lw=1, label=f"best.pt ({best_metric})"))
-        axs[2].legend(handles=lines, fontsize=6, loc="best")
-    axs[2].set_title("validation (held-out pairs)", fontsize=9)
-    if tr: axs[3].plot(st(tr), [num(r, "lr") for r in tr], color="C4")
-    axs[3].set_title("learning rate", fontsize=9)
-    for ax in axs:
-        ax.set_xlabel("step", fontsize=8); ax.tick_params(labelsize=7)
-        if ax is not axs[2] and ax.get_legend_handles_labels()[0]: ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return fig
-
-# %% ../nbs/90_train.ipynb #d543838f
-def _plot_preview(vb:dict, res:dict, step:int):
-    "A preview: one held-out pair per task (rows): I_R, I'_D, W(I'_D, φ), I_fuse (axial middle slices)."
-    from matplotlib.figure import Figure
-    idx = [list(vb["task"]).index(t) for t in dict.fromkeys(vb["task"])]
-    fig = Figure(figsize=(7.2, 1.9 * len(idx) + 0.3), dpi=80)
-    axs = fig.subplots(len(idx), 4, squeeze=False)
-    for r, i in enumerate(idx):
-        k = vb["ref"].shape[-1] // 2
-        for c, (v, name) in enumerate(((vb["ref"], "I_R"), (vb["deg"], "I'_D (input)"), (res["warped"], "W(I'_D, φ)"),
-                                       (res["fused"], "I_fuse"))):
-            img = v[i, :, :, :, k].float().clamp(0, 1).cpu()                     # (C, D, H)
-            img = img.permute(2, 1, 0).numpy() if img.shape[0] == 3 else img[0].numpy().T   # rows up = H
-            axs[r, c].imshow(img, cmap="gray", vmin=0, vmax=1, origin="lower")
-            axs[r, c].set_xticks([]); axs[r, c].set_yticks([])
-            if r == 0: axs[r, c].set_title(name, fontsize=9)
-        axs[r, 0].set_ylabel(f"{vb['task'][i]}\nQ_ssim {res['rows'][i]['Q_ssim']:.3f}", fontsize=8)
-    fig.suptitle(f"step {step}", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO(); fig.savefig(buf, format="png"); return buf.getvalue()
-
-# %% ../nbs/90_train.ipynb #398353ab
-class RunLog:
-    "train.log, metrics.csv, progress.png, previews and TensorBoard events of a run in `out`."
-    def __init__(self, out, # the run's folder
-                 resume_step:int|None=None, # continuing after this step: keep rows up to it, purge later events
-                 tensorboard:bool=True):
-        self.out = Path(out)
-        self.lines, self.rows = [], []
-        if resume_step is not None:
-            if (self.out / "train.log").is_file(): self.lines = (self.out / "train.log").read_text().splitlines()
-            if (self.out / "metrics.csv").is_file():
-                with open(self.out / "metrics.csv", newline="") as f:
-                    self.rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                if resume_step is not None: self._rebuild_tb(SummaryWriter)   # events up to the checkpoint, each once
-                self.tb = SummaryWriter(str(self.out / "tb"))
-            except ImportError: self.log("tensorboard is not installed (pip install 'unifuse[train]'): no tb/ events")
-    def _scalars(self, tb, r:dict):
-        "A metrics row's numbers as TensorBoard scalars (train/…, val/…) at its step."
-        for k, v in r.items():
-            if k == "step" or v is None or v == "" or isinstance(v, bool): continue
-            try: v = float(v)
-            except (TypeError, ValueError): continue
-            if math.isfinite(v): tb.add_scalar(k.replace("loss_", "train/").replace("val_", "val/"), v, int(r["step"]))
-    def _rebuild_tb(self, SummaryWriter):
-        """On resume, write tb/ anew from the rows kept in metrics.csv: TensorBoard events are made only from those rows,
-        so nothing is lost, and the steps logged between the checkpoint and a kill are not there twice for any reader."""
-        for q in self.out.glob("tb.*-*"): shutil.rmtree(q, ignore_errors=True)   # leftovers of a rebuild that was killed
-        new, old = self.out / f"tb.partial-{os.getpid()}", self.out / f"tb.old-{os.getpid()}"
-        w = SummaryWriter(str(new))
-        for r in self.rows: self._scalars(w, r)
-        w.close()
-        if (self.out / "tb").exists(): os.replace(self.out / "tb", old)
-        os.replace(new, self.out / "tb")
-        shutil.rmtree(old, ignore_errors=True)
-    def log(self, msg:str):
-        "A line of train.log (with the time)."
-        self.lines += [f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {m}" for m in str(msg).splitlines()]
-        write_text(self.out / "train.log", "\n".join(self.lines) + "\n")
-    def row(self, r:dict):
-        "A row of metrics.csv (and its scalars in TensorBoard)."
-        self.rows.append({k: ("" if r.get(k) is None else r[k]) for k in CSV_COLUMNS})
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n"); w.writeheader(); w.writerows(self.rows)
-        write_text(self.out / "metrics.csv", buf.getvalue())
-        if self.tb is not None:
-            self._scalars(self.tb, r)
-            self.tb.flush()
-    def progress(self, best_metric:str):
-        write_bytes(self.out / "progress.png", _png(_plot_progress(self.rows, best_metric)))
-    def preview(self, vb, res, step:int):
-        write_bytes(self.out / "previews" / f"step_{step:06d}.png", _png(_plot_preview(vb, res, step)))
-    def close(self):
-        if self.tb is not None: self.tb.close()
-
 # %% ../nbs/90_train.ipynb #7118963f
 class TrainingStopped(RuntimeError):
     "A run stopped before its last step (non-finite steps in a row); the message says what to do."
@@ -784,20 +185,6 @@ def _dist() -> tuple[int, int, int]:
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return 0, 1, 0
 
-def resolve_device(device="auto"):
-    "'auto' → cuda (this process's GPU under torchrun) when available, else cpu; refuses cuda without CUDA."
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device in (None, "auto"): device = "cuda" if torch.cuda.is_available() else "cpu"
-    try: dev = torch.device(device)
-    except RuntimeError: raise ValueError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
-        if dev.index is None: dev = torch.device("cuda", local % torch.cuda.device_count())
-    elif dev.type not in ("cpu", "mps"):
-        raise ValueError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
-    return dev
-
 def make_reader(cfg:TrainConfig):
     "The reader of `cfg.dataset` on `cfg.root`, training split, native grids."
     cls = getattr(udata, READERS[cfg.dataset])
@@ -809,8 +196,315 @@ def _finite(batch:dict) -> Tensor:
 def _fmt_terms(d:dict) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in d.items())
 
+# %% ../nbs/90_train.ipynb #aa0509e9
+class _TrainerData:
+    "The trainer's data: pool, buffer, validation pairs, and one shard of a step's batch (mixed into `Trainer`)."
+    def _setup_data(self):
+        cfg, dev = self.cfg, self.device
+        if cfg.dataset == "builtin":
+            pool = BuiltinSubjects(range(cfg.pool_size), cfg.spacing_mm, self.pool_dir)
+            self.spacing_mm, self.pool_desc = pool.spacing, f"{cfg.pool_size} built-in subjects ({pool.size}³ at {pool.spacing:.3f} mm)"
+        else:
+            reader = make_reader(cfg)
+            pool = ReaderSubjects(reader, cfg.spacing_mm, self.pool_dir)
+            self.spacing_mm, self.pool_desc = float(cfg.spacing_mm), f"{len(reader)} {cfg.dataset} training pairs at {cfg.spacing_mm:g} mm"
+        val = BuiltinSubjects(range(VAL_SEED0, VAL_SEED0 + cfg.val_subjects), cfg.spacing_mm, self.pool_dir) if cfg.val_subjects else None
+        capacity = min(cfg.pool_buffer, len(pool))
+        if self.local_rank == 0:                                          # make what is missing, in parallel
+            sets = ([pool] if capacity == len(pool) else []) + ([val] if (val is not None and self.main) else [])
+            if sets:
+                t0 = time.time()
+                warm_cache(sets, cfg.workers, progress=self.progress, desc="pool")
+                self.pool_seconds = time.time() - t0
+        self._barrier()
+        files = [pool[i] for i in range(len(pool))] if capacity == len(pool) else None
+        self.buffer = SubjectBuffer(pool, capacity, cfg.pool_refresh, cfg.seed, dev, cfg.workers, self.step, files)
+        self.clean = self.model.cfg.has_clean_class
+        self.colour = "hot" if getattr(self.model.cfg, "colour", False) else None
+        self.vb = None
+        if val is not None and self.main:
+            self.vb = validation_set([load_entry(val[i], dev) for i in range(len(val))], cfg, dev, self.colour)
+
+    def _barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def batch(self, step:int, k:int) -> dict:
+        "Shard k (rank × accum + micro-batch) of step `step`'s global batch, on the device."
+        self.buffer.advance(step)
+        plan = batch_plan(self.cfg, step, self.buffer.slots)
+        return make_pairs(shard(plan, k, self.world * self.cfg.accum), self.buffer.entries, self.cfg, self.device,
+                          clean=self.clean, colour=self.colour)
+
+    def _unused_parameters(self) -> list:
+        "Names of parameters that get no gradient (ablation settings, zero loss weights): one probe on the first batch."
+        b = self.batch(self.step, 0)
+        bufs = [x.detach().clone() for x in self.model.buffers()]
+        with self._autocast(): L = self.loss_module(b, torch.Generator(self.device).manual_seed(0))
+        L["total"].float().backward()
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():                                             # the probe leaves no trace
+            for x, saved in zip(self.model.buffers(), bufs): x.copy_(saved)
+        return names
+
+    def _autocast(self):
+        if self.amp == "none": return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def _sync(self):
+        if self.device.type == "cuda": torch.cuda.synchronize(self.device)
+
+
+# %% ../nbs/90_train.ipynb #bdf4f638
+class _TrainerState:
+    "The trainer's state: what a training checkpoint holds, and writing it (mixed into `Trainer`)."
+    def state(self) -> dict:
+        "The training checkpoint of the current step."
+        cfg = self.cfg
+        meta = dict(spacing_mm=self.spacing_mm, preset=cfg.preset, steps=self.step, steps_planned=cfg.steps,
+                    tasks=list(cfg.tasks), dataset=cfg.dataset, crop=cfg.crop, trainer="unifuse-train")
+        if self.init: meta["init"] = self.init
+        ck = self.model.checkpoint(meta)
+        ck["train"] = dict(format_version=1, step=self.step, lr=float(self.opt.param_groups[0]["lr"]),
+                           optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
+                           rng=rng_state(), config=cfg.to_dict(), best=self.best, world_size=self.world,
+                           elapsed_s=self.elapsed, torch_version=str(torch.__version__),
+                           pool_dir=None if getattr(self, "_tmp_pool", None) else str(Path(self.pool_dir).resolve()))
+        return ck
+
+    def _restore(self, ck:dict):
+        tr = ck["train"]
+        try:
+            self.model.load_state_dict(ck["state_dict"])
+            self.opt.load_state_dict(tr["optimizer"]); self.sched.load_state_dict(tr["scheduler"])
+            if tr["scaler"]: self.scaler.load_state_dict(tr["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"the checkpoint does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        set_rng_state(tr["rng"])
+        self.step, self.best, self.elapsed0 = int(tr["step"]), tr.get("best"), float(tr.get("elapsed_s", 0.0))
+        self.init = self.init or (ck.get("meta") or {}).get("init")           # a fine-tuning run stays one
+        self.last_ckpt_step = self.step
+
+    @property
+    def elapsed(self) -> float: return self.elapsed0 + time.time() - self.t_start
+
+    def save(self, name:str="checkpoint.pt") -> Path|None:
+        "Write the training checkpoint `OUT/name` atomically (rank 0)."
+        if self.out is None or not self.main: return None
+        path = self.out / name
+        with atomic_path(path) as tmp: torch.save(self.state(), tmp)
+        if name == "checkpoint.pt": self.last_ckpt_step = self.step
+        return path
+
+
+# %% ../nbs/90_train.ipynb #37abe7b4
+class _TrainerSteps:
+    "One optimisation step, with the guards against bad batches (mixed into `Trainer`)."
+    def train_step(self) -> dict:
+        "One optimiser step (or a skipped one); returns its loss terms, gradient norm and timings."
+        cfg, step = self.cfg, self.step
+        t0 = time.perf_counter()
+        torch.manual_seed(_seed(cfg.seed, 5, step))
+        self.opt.zero_grad(set_to_none=True)
+        lr = float(self.opt.param_groups[0]["lr"])
+        bufs = [b.detach().clone() for b in self.model.buffers()]       # BatchNorm statistics: restored if the step is skipped
+        terms, data_s, reason = [], 0.0, None
+        for m in range(cfg.accum):
+            k = self.rank * cfg.accum + m
+            td = time.perf_counter()
+            b = self.batch(step, k)
+            if self.on_batch is not None: self.on_batch(step, b)
+            bad = not bool(_finite(b))
+            self._sync(); data_s += time.perf_counter() - td
+            if self._any_rank(bad): reason = "NaN or Inf in the batch"; break
+            gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, 3, step, k))
+            ctx = self.ddp.no_sync() if (self.ddp is not None and m < cfg.accum - 1) else contextlib.nullcontext()
+            with ctx:
+                with self._autocast(): L = self._loss(b, gen)
+                self.scaler.scale(L["total"].float() / cfg.accum).backward()
+            terms.append(torch.stack([L[key].detach().float() for key in LOSS_KEYS]))
+        vals, gn = {key: float("nan") for key in LOSS_KEYS}, float("nan")
+        if reason is None:
+            t = torch.stack(terms).mean(0)
+            if self.world > 1:
+                import torch.distributed as dist
+                dist.all_reduce(t); t = t / self.world
+            self.scaler.unscale_(self.opt)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
+            *v, gn = torch.cat([t, norm.reshape(1).float().to(t.device)]).tolist()   # one host sync
+            vals = dict(zip(LOSS_KEYS, v))
+            if not all(math.isfinite(x) for x in v): reason = "non-finite loss"
+            elif not math.isfinite(gn) and not self.scaler.is_enabled(): reason = "non-finite gradient"
+        if reason is None:
+            self.scaler.step(self.opt); self.scaler.update(); self.bad = 0
+        else:
+            self.opt.zero_grad(set_to_none=True); self.bad += 1
+            with torch.no_grad():
+                for buf, saved in zip(self.model.buffers(), bufs): buf.copy_(saved)
+        self.sched.step()
+        self.step += 1
+        self._sync()
+        out = dict(step=self.step, lr=lr, terms=vals, grad_norm=gn, skipped=reason is not None, reason=reason,
+                   step_s=time.perf_counter() - t0, data_s=data_s)
+        if reason is not None:
+            msg = (f"step {self.step}: {reason} ({_fmt_terms(vals)}, grad_norm={gn:.4g}); step skipped "
+                   f"({self.bad} in a row, the run stops at {cfg.max_bad_steps})")
+            self._say(msg, err=True)
+            if self.bad >= cfg.max_bad_steps:
+                where = (f"the last good checkpoint is {self.out / 'checkpoint.pt'} (step {self.last_ckpt_step})"
+                         if self.out is not None and self.last_ckpt_step is not None else "no checkpoint was written")
+                raise TrainingStopped(f"stopped at step {self.step}: {self.bad} non-finite steps in a row; {where}. "
+                                      f"Check the data, lower --lr, then continue with --resume or start again")
+        return out
+
+    def _any_rank(self, flag:bool) -> bool:
+        if self.world == 1: return flag
+        import torch.distributed as dist
+        t = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _loss(self, b:dict, gen) -> dict:
+        "The loss terms of a batch; a `torch.compile` that fails on its first call falls back to eager mode, with a message."
+        if not self.cfg.compile or getattr(self, "_compiled_ok", False): return self.loss_fn(b, gen)
+        try: L = self.loss_fn(b, gen)
+        except Exception as e:
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")): raise
+            self._say(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); training continues "
+                      f"without it", err=True)
+            self.loss_fn = self.ddp if self.ddp is not None else self.loss_module
+            self.cfg = self.cfg.replace(compile=False)
+            return self.loss_fn(b, gen)
+        self._compiled_ok = True
+        return L
+
+
+# %% ../nbs/90_train.ipynb #671f1e1a
+class _TrainerLogs:
+    "Messages, logged rows and validation (mixed into `Trainer`)."
+    def _say(self, msg:str, err:bool=False):
+        if not self.main: return
+        if self.log is not None: self.log.log(msg)
+        if self.progress or err: tqdm.write(msg, file=sys.stderr if err else sys.stdout)
+
+    def _new_window(self): return dict(n=0, skipped=0, sums={k: 0.0 for k in LOSS_KEYS}, gn=0.0, step_s=0.0, data_s=0.0, t0=time.time())
+
+    def _row(self, val:dict|None=None, train:bool=True) -> dict:
+        w = self._window
+        lr = w.get("lr") if train and "lr" in w else float(self.opt.param_groups[0]["lr"])   # the lr the window's steps used
+        r = dict(step=self.step, lr=lr, elapsed_s=round(self.elapsed, 2))
+        if train and w["n"] + w["skipped"] > 0:
+            n = max(w["n"], 1)
+            r.update({f"loss_{k}": (w["sums"][k] / n if w["n"] else float("nan")) for k in LOSS_KEYS})
+            r.update(grad_norm=w["gn"] / n if w["n"] else float("nan"), skipped=w["skipped"],
+                     steps_per_s=(w["n"] + w["skipped"]) / max(w["step_s"], 1e-9),
+                     step_ms=1e3 * w["step_s"] / (w["n"] + w["skipped"]), data_ms=1e3 * w["data_s"] / (w["n"] + w["skipped"]))
+        if val is not None: r.update({f"val_{k}": val[k] for k in VAL_KEYS})
+        return r
+
+    def _validate(self) -> dict|None:
+        "A validation pass (rank 0): logs, preview, best.pt."
+        if self.vb is None or not self.main: return None
+        t0 = time.time()
+        res = validate(self.model, self.vb, self._autocast if self.amp != "none" else None)
+        v = res["mean"]
+        m = self.cfg.best_metric
+        better = self.best is None or (v[m] < self.best["value"] if m in LOWER_IS_BETTER else v[m] > self.best["value"])
+        if better: self.best = dict(metric=m, value=float(v[m]), step=self.step)
+        per = " ".join(f"{t}={v[f'Q_ssim_{t}']:.3f}" for t in dict.fromkeys(self.vb["task"]))
+        self._say(f"validation at step {self.step}: loss {v['total']:.4f}, Q_ssim {v['Q_ssim']:.4f} ({per}), "
+                  f"Q_psnr {v['Q_psnr']:.2f} dB, Q_vif {v['Q_vif']:.3f}, align_cc {v['align_cc']:.4f}, "
+                  f"Dice {v['align_dice']:.3f}, flow error {v['epe_mm']:.2f} mm ({v['epe_ratio']:.2f}× zero flow), "
+                  f"content {v['content']:.2f}, margin {v['margin']:+.3f}, class accuracy {v['acc']:.2f}"
+                  f"{'  (best)' if better else ''}  [{time.time() - t0:.1f} s]")
+        if self.log is not None:
+            self.log.preview(self.vb, res, self.step)
+            if better: self.save("best.pt")
+        self.last_val = res
+        return v
+
+
+# %% ../nbs/90_train.ipynb #061ce8dd
+class _TrainerRun:
+    "The run from the first step to the summary (mixed into `Trainer`)."
+    def run(self) -> Trainer:
+        "Train to the last step: validation at step 0, every val_interval and at the end; checkpoints; logs."
+        cfg = self.cfg
+        if self.main:
+            self._say(f"unifuse-train: preset {cfg.preset}, steps {self.step}→{cfg.steps}, batch {cfg.batch} × {cfg.crop}³ crops at "
+                      f"{self.spacing_mm:.3f} mm, {self.model.num_params()['total']:,} parameters, {self.device} "
+                      f"({torch.get_num_threads()} threads), {self.world} process(es), amp {self.amp}")
+            self._say(f"pool: {self.pool_desc} in {self.pool_dir}" + (f" ({self.pool_seconds:.0f} s to make)" if getattr(self, "pool_seconds", 0) > 1 else "")
+                      + (f"; validation: {len(self.vb['task'])} held-out pairs at {cfg.val_crop}³" if self.vb is not None else ""))
+        if self.step == 0:
+            v = self._validate()
+            r = self._row(v, train=False)
+            self._record(r)
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True,
+                   desc="train", smoothing=0.1,                       # steps/s (not inverted) and the time left
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+        adapt = os.environ.get("UNIFUSE_ADAPT_THREADS") == "1" and self.device.type == "cpu" and self.world == 1
+        meter = LoadMeter() if adapt else None                        # the tools (unifuse.launch): threads follow the load
+        base = int(os.environ.get("UNIFUSE_IDLE_THREADS", torch.get_num_threads()))   # what this process uses on an idle machine
+        try:
+            while self.step < cfg.steps:
+                o = self.train_step()
+                if meter is not None and self.step % 5 == 0:
+                    n = threads_for(meter.others(), base)
+                    if n != torch.get_num_threads():
+                        torch.set_num_threads(n)
+                        self._say(f"other processes are using the CPU: {n} thread(s) from step {self.step}")
+                w = self._window
+                w["lr"] = o["lr"]
+                w["step_s"] += o["step_s"]; w["data_s"] += o["data_s"]
+                if o["skipped"]: w["skipped"] += 1
+                else:
+                    w["n"] += 1; w["gn"] += o["grad_norm"]
+                    for k in LOSS_KEYS: w["sums"][k] += o["terms"][k]
+                    t = o["terms"]
+                    bar.set_postfix_str(f"L {t['total']:.3f} ce {t['ce']:.3f} moda {t['moda']:.3f} reg {t['reg']:.3f} "
+                                        f"ssim {t['ssim']:.3f} int {t['inten']:.3f} grad {t['grad']:.3f}", refresh=False)
+                bar.update(1)
+                last = self.step == cfg.steps
+                val_due = last or self.step % cfg.val_interval == 0
+                v = self._validate() if val_due else None
+                if last or self.step % cfg.log_every == 0 or v is not None:
+                    self._record(self._row(v)); self._window = self._new_window()
+                ckpt = last or (self.step % cfg.ckpt_interval == 0 and self.bad == 0)   # not inside a run of skipped steps
+                if ckpt: self.save("checkpoint.pt")
+                if (v is not None or ckpt) and self.log is not None: self.log.progress(cfg.best_metric)
+        finally:
+            bar.close()
+        if self.main: self._summary()
+        return self
+
+    def _record(self, r:dict):
+        self.history.append(r)
+        if self.log is not None: self.log.row(r)
+
+    def _summary(self):
+        vals = [r for r in self.history if r.get("val_total") not in (None, "")]
+        if not vals: return
+        first, last = vals[0], vals[-1]
+        lines = [f"finished {self.step} steps in {self.elapsed:.0f} s; validation at step {int(first['step'])} → {int(last['step'])}:"]
+        for k in ("total", "Q_ssim", "Q_psnr", "Q_cc", "Q_vif", "align_cc", "align_dice", "epe_mm", "epe_ratio", "content", "margin"):
+            a, b = float(first[f"val_{k}"]), float(last[f"val_{k}"])
+            good = (b < a) if k in LOWER_IS_BETTER else (b > a)
+            lines.append(f"  {k:11s} {a:9.4f} → {b:9.4f}  {'better' if good else 'not better'}")
+        if self.best: lines.append(f"best {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']}")
+        if self.out is not None: lines.append(f"wrote {self.out}/checkpoint.pt, best.pt, train.log, metrics.csv, progress.png, previews/, tb/")
+        self._say("\n".join(lines))
+
+    def close(self):
+        "Release the log writers and worker processes."
+        if self.log is not None: self.log.close()
+        self.buffer.close()
+
+
 # %% ../nbs/90_train.ipynb #81bad716
-class Trainer:
+class Trainer(_TrainerData, _TrainerState, _TrainerSteps, _TrainerLogs, _TrainerRun):
     "A training run: model, optimiser, data pool, validation, logs and checkpoints (`run()` trains)."
     def __init__(self, cfg:TrainConfig, # the run's settings
                  out=None, # folder of the run (None: no files, e.g. for benchmarks)
@@ -884,321 +578,6 @@ class Trainer:
             self.history = list(self.log.rows)
         self._window = self._new_window()
 
-# %% ../nbs/90_train.ipynb #0a1f1ea7
-@patch
-def _setup_data(self:Trainer):
-    cfg, dev = self.cfg, self.device
-    if cfg.dataset == "builtin":
-        pool = BuiltinSubjects(range(cfg.pool_size), cfg.spacing_mm, self.pool_dir)
-        self.spacing_mm, self.pool_desc = pool.spacing, f"{cfg.pool_size} built-in subjects ({pool.size}³ at {pool.spacing:.3f} mm)"
-    else:
-        reader = make_reader(cfg)
-        pool = ReaderSubjects(reader, cfg.spacing_mm, self.pool_dir)
-        self.spacing_mm, self.pool_desc = float(cfg.spacing_mm), f"{len(reader)} {cfg.dataset} training pairs at {cfg.spacing_mm:g} mm"
-    val = BuiltinSubjects(range(VAL_SEED0, VAL_SEED0 + cfg.val_subjects), cfg.spacing_mm, self.pool_dir) if cfg.val_subjects else None
-    capacity = min(cfg.pool_buffer, len(pool))
-    if self.local_rank == 0:                                          # make what is missing, in parallel
-        sets = ([pool] if capacity == len(pool) else []) + ([val] if (val is not None and self.main) else [])
-        if sets:
-            t0 = time.time()
-            warm_cache(sets, cfg.workers, progress=self.progress, desc="pool")
-            self.pool_seconds = time.time() - t0
-    self._barrier()
-    files = [pool[i] for i in range(len(pool))] if capacity == len(pool) else None
-    self.buffer = SubjectBuffer(pool, capacity, cfg.pool_refresh, cfg.seed, dev, cfg.workers, self.step, files)
-    self.clean = self.model.cfg.has_clean_class
-    self.colour = "hot" if getattr(self.model.cfg, "colour", False) else None
-    self.vb = None
-    if val is not None and self.main:
-        self.vb = validation_set([load_entry(val[i], dev) for i in range(len(val))], cfg, dev, self.colour)
-
-@patch
-def _barrier(self:Trainer):
-    if self.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-# %% ../nbs/90_train.ipynb #a7544035
-@patch
-def batch(self:Trainer, step:int, k:int) -> dict:
-    "Shard k (rank × accum + micro-batch) of step `step`'s global batch, on the device."
-    self.buffer.advance(step)
-    plan = batch_plan(self.cfg, step, self.buffer.slots)
-    return make_pairs(shard(plan, k, self.world * self.cfg.accum), self.buffer.entries, self.cfg, self.device,
-                      clean=self.clean, colour=self.colour)
-
-@patch
-def _unused_parameters(self:Trainer) -> list:
-    "Names of parameters that get no gradient (ablation settings, zero loss weights): one probe on the first batch."
-    b = self.batch(self.step, 0)
-    bufs = [x.detach().clone() for x in self.model.buffers()]
-    with self._autocast(): L = self.loss_module(b, torch.Generator(self.device).manual_seed(0))
-    L["total"].float().backward()
-    names = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
-    self.opt.zero_grad(set_to_none=True)
-    with torch.no_grad():                                             # the probe leaves no trace
-        for x, saved in zip(self.model.buffers(), bufs): x.copy_(saved)
-    return names
-
-@patch
-def _autocast(self:Trainer):
-    if self.amp == "none": return contextlib.nullcontext()
-    return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
-
-@patch
-def _sync(self:Trainer):
-    if self.device.type == "cuda": torch.cuda.synchronize(self.device)
-
-# %% ../nbs/90_train.ipynb #c52d76ed
-@patch
-def state(self:Trainer) -> dict:
-    "The training checkpoint of the current step."
-    cfg = self.cfg
-    meta = dict(spacing_mm=self.spacing_mm, preset=cfg.preset, steps=self.step, steps_planned=cfg.steps,
-                tasks=list(cfg.tasks), dataset=cfg.dataset, crop=cfg.crop, trainer="unifuse-train")
-    if self.init: meta["init"] = self.init
-    ck = self.model.checkpoint(meta)
-    ck["train"] = dict(format_version=1, step=self.step, lr=float(self.opt.param_groups[0]["lr"]),
-                       optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
-                       rng=rng_state(), config=cfg.to_dict(), best=self.best, world_size=self.world,
-                       elapsed_s=self.elapsed, torch_version=str(torch.__version__),
-                       pool_dir=None if getattr(self, "_tmp_pool", None) else str(Path(self.pool_dir).resolve()))
-    return ck
-
-@patch
-def _restore(self:Trainer, ck:dict):
-    tr = ck["train"]
-    try:
-        self.model.load_state_dict(ck["state_dict"])
-        self.opt.load_state_dict(tr["optimizer"]); self.sched.load_state_dict(tr["scheduler"])
-        if tr["scaler"]: self.scaler.load_state_dict(tr["scaler"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ValueError(f"the checkpoint does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    set_rng_state(tr["rng"])
-    self.step, self.best, self.elapsed0 = int(tr["step"]), tr.get("best"), float(tr.get("elapsed_s", 0.0))
-    self.init = self.init or (ck.get("meta") or {}).get("init")           # a fine-tuning run stays one
-    self.last_ckpt_step = self.step
-
-@patch(as_prop=True)
-def elapsed(self:Trainer) -> float: return self.elapsed0 + time.time() - self.t_start
-
-@patch
-def save(self:Trainer, name:str="checkpoint.pt") -> Path|None:
-    "Write the training checkpoint `OUT/name` atomically (rank 0)."
-    if self.out is None or not self.main: return None
-    path = self.out / name
-    with atomic_path(path) as tmp: torch.save(self.state(), tmp)
-    if name == "checkpoint.pt": self.last_ckpt_step = self.step
-    return path
-
-# %% ../nbs/90_train.ipynb #dbac7a5f
-@patch
-def train_step(self:Trainer) -> dict:
-    "One optimiser step (or a skipped one); returns its loss terms, gradient norm and timings."
-    cfg, step = self.cfg, self.step
-    t0 = time.perf_counter()
-    torch.manual_seed(_seed(cfg.seed, 5, step))
-    self.opt.zero_grad(set_to_none=True)
-    lr = float(self.opt.param_groups[0]["lr"])
-    bufs = [b.detach().clone() for b in self.model.buffers()]       # BatchNorm statistics: restored if the step is skipped
-    terms, data_s, reason = [], 0.0, None
-    for m in range(cfg.accum):
-        k = self.rank * cfg.accum + m
-        td = time.perf_counter()
-        b = self.batch(step, k)
-        if self.on_batch is not None: self.on_batch(step, b)
-        bad = not bool(_finite(b))
-        self._sync(); data_s += time.perf_counter() - td
-        if self._any_rank(bad): reason = "NaN or Inf in the batch"; break
-        gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, 3, step, k))
-        ctx = self.ddp.no_sync() if (self.ddp is not None and m < cfg.accum - 1) else contextlib.nullcontext()
-        with ctx:
-            with self._autocast(): L = self._loss(b, gen)
-            self.scaler.scale(L["total"].float() / cfg.accum).backward()
-        terms.append(torch.stack([L[key].detach().float() for key in LOSS_KEYS]))
-    vals, gn = {key: float("nan") for key in LOSS_KEYS}, float("nan")
-    if reason is None:
-        t = torch.stack(terms).mean(0)
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(t); t = t / self.world
-        self.scaler.unscale_(self.opt)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
-        *v, gn = torch.cat([t, norm.reshape(1).float().to(t.device)]).tolist()   # one host sync
-        vals = dict(zip(LOSS_KEYS, v))
-        if not all(math.isfinite(x) for x in v): reason = "non-finite loss"
-        elif not math.isfinite(gn) and not self.scaler.is_enabled(): reason = "non-finite gradient"
-    if reason is None:
-        self.scaler.step(self.opt); self.scaler.update(); self.bad = 0
-    else:
-        self.opt.zero_grad(set_to_none=True); self.bad += 1
-        with torch.no_grad():
-            for buf, saved in zip(self.model.buffers(), bufs): buf.copy_(saved)
-    self.sched.step()
-    self.step += 1
-    self._sync()
-    out = dict(step=self.step, lr=lr, terms=vals, grad_norm=gn, skipped=reason is not None, reason=reason,
-               step_s=time.perf_counter() - t0, data_s=data_s)
-    if reason is not None:
-        msg = (f"step {self.step}: {reason} ({_fmt_terms(vals)}, grad_norm={gn:.4g}); step skipped "
-               f"({self.bad} in a row, the run stops at {cfg.max_bad_steps})")
-        self._say(msg, err=True)
-        if self.bad >= cfg.max_bad_steps:
-            where = (f"the last good checkpoint is {self.out / 'checkpoint.pt'} (step {self.last_ckpt_step})"
-                     if self.out is not None and self.last_ckpt_step is not None else "no checkpoint was written")
-            raise TrainingStopped(f"stopped at step {self.step}: {self.bad} non-finite steps in a row; {where}. "
-                                  f"Check the data, lower --lr, then continue with --resume or start again")
-    return out
-
-# %% ../nbs/90_train.ipynb #5911a504
-@patch
-def _any_rank(self:Trainer, flag:bool) -> bool:
-    if self.world == 1: return flag
-    import torch.distributed as dist
-    t = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-@patch
-def _loss(self:Trainer, b:dict, gen) -> dict:
-    "The loss terms of a batch; a `torch.compile` that fails on its first call falls back to eager mode, with a message."
-    if not self.cfg.compile or getattr(self, "_compiled_ok", False): return self.loss_fn(b, gen)
-    try: L = self.loss_fn(b, gen)
-    except Exception as e:
-        if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")): raise
-        self._say(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); training continues "
-                  f"without it", err=True)
-        self.loss_fn = self.ddp if self.ddp is not None else self.loss_module
-        self.cfg = self.cfg.replace(compile=False)
-        return self.loss_fn(b, gen)
-    self._compiled_ok = True
-    return L
-
-# %% ../nbs/90_train.ipynb #4552e615
-@patch
-def _say(self:Trainer, msg:str, err:bool=False):
-    if not self.main: return
-    if self.log is not None: self.log.log(msg)
-    if self.progress or err: tqdm.write(msg, file=sys.stderr if err else sys.stdout)
-
-@patch
-def _new_window(self:Trainer): return dict(n=0, skipped=0, sums={k: 0.0 for k in LOSS_KEYS}, gn=0.0, step_s=0.0, data_s=0.0, t0=time.time())
-
-@patch
-def _row(self:Trainer, val:dict|None=None, train:bool=True) -> dict:
-    w = self._window
-    lr = w.get("lr") if train and "lr" in w else float(self.opt.param_groups[0]["lr"])   # the lr the window's steps used
-    r = dict(step=self.step, lr=lr, elapsed_s=round(self.elapsed, 2))
-    if train and w["n"] + w["skipped"] > 0:
-        n = max(w["n"], 1)
-        r.update({f"loss_{k}": (w["sums"][k] / n if w["n"] else float("nan")) for k in LOSS_KEYS})
-        r.update(grad_norm=w["gn"] / n if w["n"] else float("nan"), skipped=w["skipped"],
-                 steps_per_s=(w["n"] + w["skipped"]) / max(w["step_s"], 1e-9),
-                 step_ms=1e3 * w["step_s"] / (w["n"] + w["skipped"]), data_ms=1e3 * w["data_s"] / (w["n"] + w["skipped"]))
-    if val is not None: r.update({f"val_{k}": val[k] for k in VAL_KEYS})
-    return r
-
-@patch
-def validate(self:Trainer) -> dict|None:
-    "A validation pass (rank 0): logs, preview, best.pt."
-    if self.vb is None or not self.main: return None
-    t0 = time.time()
-    res = validate(self.model, self.vb, self._autocast if self.amp != "none" else None)
-    v = res["mean"]
-    m = self.cfg.best_metric
-    better = self.best is None or (v[m] < self.best["value"] if m in LOWER_IS_BETTER else v[m] > self.best["value"])
-    if better: self.best = dict(metric=m, value=float(v[m]), step=self.step)
-    per = " ".join(f"{t}={v[f'Q_ssim_{t}']:.3f}" for t in dict.fromkeys(self.vb["task"]))
-    self._say(f"validation at step {self.step}: loss {v['total']:.4f}, Q_ssim {v['Q_ssim']:.4f} ({per}), "
-              f"Q_psnr {v['Q_psnr']:.2f} dB, Q_vif {v['Q_vif']:.3f}, align_cc {v['align_cc']:.4f}, "
-              f"Dice {v['align_dice']:.3f}, flow error {v['epe_mm']:.2f} mm ({v['epe_ratio']:.2f}× zero flow), "
-              f"content {v['content']:.2f}, margin {v['margin']:+.3f}, class accuracy {v['acc']:.2f}"
-              f"{'  (best)' if better else ''}  [{time.time() - t0:.1f} s]")
-    if self.log is not None:
-        self.log.preview(self.vb, res, self.step)
-        if better: self.save("best.pt")
-    self.last_val = res
-    return v
-
-# %% ../nbs/90_train.ipynb #a2423fbf
-@patch
-def run(self:Trainer) -> Trainer:
-    "Train to the last step: validation at step 0, every val_interval and at the end; checkpoints; logs."
-    cfg = self.cfg
-    if self.main:
-        self._say(f"unifuse-train: preset {cfg.preset}, steps {self.step}→{cfg.steps}, batch {cfg.batch} × {cfg.crop}³ crops at "
-                  f"{self.spacing_mm:.3f} mm, {self.model.num_params()['total']:,} parameters, {self.device} "
-                  f"({torch.get_num_threads()} threads), {self.world} process(es), amp {self.amp}")
-        self._say(f"pool: {self.pool_desc} in {self.pool_dir}" + (f" ({self.pool_seconds:.0f} s to make)" if getattr(self, "pool_seconds", 0) > 1 else "")
-                  + (f"; validation: {len(self.vb['task'])} held-out pairs at {cfg.val_crop}³" if self.vb is not None else ""))
-    if self.step == 0:
-        v = self.validate()
-        r = self._row(v, train=False)
-        self._record(r)
-    bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True,
-               desc="train", smoothing=0.1,                       # steps/s (not inverted) and the time left
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
-    adapt = os.environ.get("UNIFUSE_ADAPT_THREADS") == "1" and self.device.type == "cpu" and self.world == 1
-    meter = LoadMeter() if adapt else None                        # the tools (unifuse.launch): threads follow the load
-    base = int(os.environ.get("UNIFUSE_IDLE_THREADS", torch.get_num_threads()))   # what this process uses on an idle machine
-    try:
-        while self.step < cfg.steps:
-            o = self.train_step()
-            if meter is not None and self.step % 5 == 0:
-                n = threads_for(meter.others(), base)
-                if n != torch.get_num_threads():
-                    torch.set_num_threads(n)
-                    self._say(f"other processes are using the CPU: {n} thread(s) from step {self.step}")
-            w = self._window
-            w["lr"] = o["lr"]
-            w["step_s"] += o["step_s"]; w["data_s"] += o["data_s"]
-            if o["skipped"]: w["skipped"] += 1
-            else:
-                w["n"] += 1; w["gn"] += o["grad_norm"]
-                for k in LOSS_KEYS: w["sums"][k] += o["terms"][k]
-                t = o["terms"]
-                bar.set_postfix_str(f"L {t['total']:.3f} ce {t['ce']:.3f} moda {t['moda']:.3f} reg {t['reg']:.3f} "
-                                    f"ssim {t['ssim']:.3f} int {t['inten']:.3f} grad {t['grad']:.3f}", refresh=False)
-            bar.update(1)
-            last = self.step == cfg.steps
-            val_due = last or self.step % cfg.val_interval == 0
-            v = self.validate() if val_due else None
-            if last or self.step % cfg.log_every == 0 or v is not None:
-                self._record(self._row(v)); self._window = self._new_window()
-            ckpt = last or (self.step % cfg.ckpt_interval == 0 and self.bad == 0)   # not inside a run of skipped steps
-            if ckpt: self.save("checkpoint.pt")
-            if (v is not None or ckpt) and self.log is not None: self.log.progress(cfg.best_metric)
-    finally:
-        bar.close()
-    if self.main: self._summary()
-    return self
-
-@patch
-def _record(self:Trainer, r:dict):
-    self.history.append(r)
-    if self.log is not None: self.log.row(r)
-
-# %% ../nbs/90_train.ipynb #4d7eb41c
-@patch
-def _summary(self:Trainer):
-    vals = [r for r in self.history if r.get("val_total") not in (None, "")]
-    if not vals: return
-    first, last = vals[0], vals[-1]
-    lines = [f"finished {self.step} steps in {self.elapsed:.0f} s; validation at step {int(first['step'])} → {int(last['step'])}:"]
-    for k in ("total", "Q_ssim", "Q_psnr", "Q_cc", "Q_vif", "align_cc", "align_dice", "epe_mm", "epe_ratio", "content", "margin"):
-        a, b = float(first[f"val_{k}"]), float(last[f"val_{k}"])
-        good = (b < a) if k in LOWER_IS_BETTER else (b > a)
-        lines.append(f"  {k:11s} {a:9.4f} → {b:9.4f}  {'better' if good else 'not better'}")
-    if self.best: lines.append(f"best {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']}")
-    if self.out is not None: lines.append(f"wrote {self.out}/checkpoint.pt, best.pt, train.log, metrics.csv, progress.png, previews/, tb/")
-    self._say("\n".join(lines))
-
-@patch
-def close(self:Trainer):
-    "Release the log writers and worker processes."
-    if self.log is not None: self.log.close()
-    self.buffer.close()
-
 # %% ../nbs/90_train.ipynb #97c6867e
 RUN_FILES = ("checkpoint.pt", "best.pt", "train.log", "metrics.csv", "progress.png", "config.json", "previews", "tb")
 
@@ -1221,6 +600,14 @@ def check_out(out, # the run's folder
     if foreign: raise ValueError(f"--overwrite: {out} also holds files unifuse-train did not write ({', '.join(foreign[:3])}); "
                                  f"choose another --out")
     return "overwrite"
+
+def prepare_run(out:Path, # the run's folder
+                what:str, # `check_out`'s verdict: "new", "resume" or "overwrite"
+                cfg:TrainConfig):
+    "Make the run's folder: an overwritten run's files go, and a new run writes config.json (a resumed run keeps its own)."
+    if what == "overwrite": _clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if what != "resume": write_json(out / "config.json", cfg.to_dict())
 
 def _clear_run(out:Path):
     import shutil
@@ -1247,10 +634,7 @@ def train(cfg:TrainConfig|str="tiny", # a TrainConfig or a preset name
     if isinstance(cfg, str): cfg = TrainConfig.preset(cfg, **overrides)
     elif overrides: cfg = cfg.replace(**overrides)
     rank = _dist()[0]
-    if out is not None and rank == 0:
-        if not resume and what == "overwrite": _clear_run(Path(out))
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(out) / "config.json", cfg.to_dict())
+    if out is not None and rank == 0: prepare_run(Path(out), what, cfg)
     t = Trainer(cfg, out, device=device, pool_dir=pool_dir, resume=resume, init=init, progress=progress,
                 on_batch=on_batch, resume_checkpoint=ck)
     try: t.run()
@@ -1258,15 +642,10 @@ def train(cfg:TrainConfig|str="tiny", # a TrainConfig or a preset name
     return t
 
 # %% ../nbs/90_train.ipynb #c312c98d
-class _UsageError(Exception): pass
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message): raise _UsageError(message)
-
 _RUNTIME = {"workers", "compile", "max_bad_steps", "log_every", "val_every", "ckpt_every"}  # may change on --resume
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="unifuse-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog="unifuse-train", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Train UniFuse (§4.2 of the paper: AdamW, cosine schedule, clipping at 1, Eq. 15) on the built-in "
                             "heads or a dataset reader, on a CPU, a GPU, or several (torchrun). Writes OUT/checkpoint.pt, "
                             "best.pt, train.log, metrics.csv, progress.png, previews/ and tb/.",
@@ -1306,7 +685,7 @@ def _parser() -> argparse.ArgumentParser:
 def _kv(items:list, flag:str) -> dict:
     out = {}
     for s in items:
-        if "=" not in s: raise _UsageError(f"{flag} {s!r}: expected KEY=VALUE")
+        if "=" not in s: raise UserError(f"{flag} {s!r}: expected KEY=VALUE")
         k, v = s.split("=", 1)
         try: out[k.strip()] = ast.literal_eval(v)
         except (ValueError, SyntaxError): out[k.strip()] = v
@@ -1351,8 +730,9 @@ def _epochs_to_steps(cfg:TrainConfig, epochs:float) -> int:
     pairs = len(make_reader(cfg)) if cfg.dataset != "builtin" else cfg.pool_size * len(cfg.tasks)
     return max(1, math.ceil(epochs * math.ceil(pairs / cfg.batch)))
 
-def _fail(msg:str, code:int=2) -> int:
-    if _dist()[0] == 0: print(f"unifuse-train: error: {' '.join(str(msg).split())}", file=sys.stderr)
+def _stop(msg:str, code:int) -> int:
+    "A run that ends early but is not the user's mistake (status 1, or 130 on Ctrl-C): one line from rank 0."
+    if _dist()[0] == 0: print(f"unifuse-train: {one_line(msg)}", file=sys.stderr)
     return code
 
 def _init_distributed():
@@ -1370,35 +750,29 @@ def _barrier_all():
     if dist.is_available() and dist.is_initialized(): dist.barrier()
 
 # %% ../nbs/90_train.ipynb #249373fb
-def main(argv=None) -> int:
-    "Command line entry point of `unifuse-train` (also `torchrun ... -m unifuse.train`)."
-    try: a = _parser().parse_args(argv)
-    except _UsageError as e: return _fail(e)
+def _train(argv) -> int:
+    "The body of `unifuse-train`: everything read from the user is checked (inside `user_input()`) before a file is written."
+    a = _parser().parse_args(argv)
     if a.device == "cpu": os.environ["UNIFUSE_DEVICE"] = "cpu"
     started = _init_distributed()
     try:
-        try:
+        with user_input(ValueError, FileNotFoundError):
             what = check_out(a.out, a.resume, a.overwrite)
             if what == "resume" and a.init is not None:
-                raise ValueError("--init starts a new run from a checkpoint's weights; --resume continues the run in OUT: give one")
+                raise UserError("--init starts a new run from a checkpoint's weights; --resume continues the run in OUT: give one")
             ck = load_training_checkpoint(a.out / "checkpoint.pt") if what == "resume" else None
             if a.init is not None:
-                if not a.init.is_file(): raise FileNotFoundError(f"--init {a.init}: no such file")
+                if not a.init.is_file(): raise UserError(f"--init {a.init}: no such file")
                 UniFuse.load(a.init)                                  # readable, and a UniFuse model
             cfg = config_from_args(a, ck["train"]["config"] if ck else None)
             if cfg.dataset != "builtin":
                 if not Path(cfg.root).exists():
-                    raise FileNotFoundError(f"--root {cfg.root}: no such {'file' if cfg.dataset == 'csv' else 'folder'}")
+                    raise UserError(f"--root {cfg.root}: no such {'file' if cfg.dataset == 'csv' else 'folder'}")
                 make_reader(cfg)                                      # finds the subjects, or says what is wrong
             resolve_device(a.device)
-        except (_UsageError, ValueError, TypeError, FileNotFoundError) as e:
-            return _fail(e)
         _barrier_all()                                                # every process has checked before one writes
         fresh = not a.out.exists()                                    # made by this command (removed again if it fails to start)
-        if _dist()[0] == 0:
-            if what == "overwrite": _clear_run(a.out)
-            a.out.mkdir(parents=True, exist_ok=True)
-            if what != "resume": write_json(a.out / "config.json", cfg.to_dict())
+        if _dist()[0] == 0: prepare_run(a.out, what, cfg)
         _barrier_all()
         def undo_start():                                             # a new run that never started leaves no run files
             if what != "resume" and _dist()[0] == 0:
@@ -1408,18 +782,18 @@ def main(argv=None) -> int:
             t = Trainer(cfg, a.out, device=a.device, pool_dir=a.pool_dir, resume=what == "resume", init=a.init,
                         progress=not a.quiet, resume_checkpoint=ck)
         except (ValueError, OSError) as e:
-            undo_start(); return _fail(e)
+            undo_start(); raise UserError(one_line(e)) from e
         except KeyboardInterrupt:
             undo_start()
-            return _fail("interrupted while making the data pool (what was made is cached); run the command again", 130)
+            return _stop("interrupted while making the data pool (what was made is cached); run the command again", 130)
         try: t.run()
-        except TrainingStopped as e: return _fail(e, 1)
+        except TrainingStopped as e: return _stop(f"error: {e}", 1)
         except OSError as e:                                          # the disk filled, the folder went away …
             then = (f"the last checkpoint is step {t.last_ckpt_step}: continue with unifuse-train --out {a.out} --resume"
                     if t.last_ckpt_step is not None else f"no checkpoint yet: start again with --overwrite")
-            return _fail(f"{e} (at step {t.step}; {then})")
+            raise UserError(f"{e} (at step {t.step}; {then})") from e
         except KeyboardInterrupt:
-            return _fail(f"interrupted at step {t.step}; the last checkpoint is step {t.last_ckpt_step}: continue with "
+            return _stop(f"interrupted at step {t.step}; the last checkpoint is step {t.last_ckpt_step}: continue with "
                          f"unifuse-train --out {a.out} --resume", 130)
         finally: t.close()
         return 0
@@ -1427,6 +801,10 @@ def main(argv=None) -> int:
         if started:
             import torch.distributed as dist
             dist.destroy_process_group()
+
+def main(argv=None) -> int:
+    "Command line entry point of `unifuse-train` (also `torchrun ... -m unifuse.train`): the exit status."
+    return run("unifuse-train", _train, argv, show=lambda: _dist()[0] == 0)
 
 # %% ../nbs/90_train.ipynb #a8f3bf4e
 if __name__ == "__main__" and Path(sys.argv[0]).name == "train.py": sys.exit(main())

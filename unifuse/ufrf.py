@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
-from .fa import ChannelNorm, PromptMLP, ConvFFN
+from .blocks import ChannelNorm, PromptMLP, ConvFFN
 from .layers import Conv3d, add_, bmm, conv3d, conv3d_cat, gram, mix_channels, on_fast_path, to_cl
 from .colour import rgb_to_ycbcr, ycbcr_to_rgb, luma
 

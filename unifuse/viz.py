@@ -19,7 +19,6 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.collections import LineCollection
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['CT_DISPLAY', 'as_volume', 'as_flow', 'fig_to_png', 'show_slices', 'modality_display', 'show_montage', 'show_flow',
@@ -562,51 +561,46 @@ class SliceBrowser:
         self.widget = W.VBox([self.image, W.HBox(self.sliders), W.HBox([self.show_cross, self.show_grid])])
         self.update()
 
-# %% ../nbs/03_viz.ipynb #b18ed692
-@patch(as_prop=True)
-def idx(self:SliceBrowser) -> tuple:
-    "The current position (d, h, w)."
-    return tuple(int(s.value) for s in self.sliders)
+    @property
+    def idx(self) -> tuple:
+        "The current position (d, h, w)."
+        return tuple(int(s.value) for s in self.sliders)
 
-@patch
-def set_index(self:SliceBrowser, d=None, h=None, w=None):
-    "Move the sliders (None keeps an axis); the picture follows."
-    with self.widget.hold_trait_notifications():
-        for s, v in zip(self.sliders, (d, h, w)):
-            if v is not None: s.value = int(v)
-    self.update()
+    def set_index(self, d=None, h=None, w=None):
+        "Move the sliders (None keeps an axis); the picture follows."
+        with self.widget.hold_trait_notifications():
+            for s, v in zip(self.sliders, (d, h, w)):
+                if v is not None: s.value = int(v)
+        self.update()
 
-@patch
-def _draw(self:SliceBrowser):
-    "Update every artist to the current position and switches."
-    ii = self.idx
-    for (r, c), im in self._im.items():
-        p = self.planes[r]; k = ii[_PLANES[p]]
-        im.set_data(_plane(self.vols[c], p, k))
-        if (r, c) in self._ov: self._ov[r, c].set_data(np.ma.masked_where(_plane(self.overlay, p, k) == 0, _plane(self.overlay, p, k)))
-        if (r, c) in self._grid:
-            self._grid[r, c].set_segments(_grid_segments(_flow_plane(self.flow, p, k), self.step) if self.show_grid.value else [])
-        a, b = _inplane(p)
-        vl, hl = self._cross[r, c]
-        vl.set_xdata([ii[a]] * 2); hl.set_ydata([ii[b]] * 2)
-        vl.set_visible(self.show_cross.value); hl.set_visible(self.show_cross.value)
-        if c == 0: im.axes.set_ylabel(f"{p} {k}", fontsize=8)
+    def _draw(self):
+        "Update every artist to the current position and switches."
+        ii = self.idx
+        for (r, c), im in self._im.items():
+            p = self.planes[r]; k = ii[_PLANES[p]]
+            im.set_data(_plane(self.vols[c], p, k))
+            if (r, c) in self._ov: self._ov[r, c].set_data(np.ma.masked_where(_plane(self.overlay, p, k) == 0, _plane(self.overlay, p, k)))
+            if (r, c) in self._grid:
+                self._grid[r, c].set_segments(_grid_segments(_flow_plane(self.flow, p, k), self.step) if self.show_grid.value else [])
+            a, b = _inplane(p)
+            vl, hl = self._cross[r, c]
+            vl.set_xdata([ii[a]] * 2); hl.set_ydata([ii[b]] * 2)
+            vl.set_visible(self.show_cross.value); hl.set_visible(self.show_cross.value)
+            if c == 0: im.axes.set_ylabel(f"{p} {k}", fontsize=8)
 
-@patch
-def render(self:SliceBrowser) -> bytes:
-    "The current picture as PNG bytes."
-    self._draw()
-    return fig_to_png(self.fig)
+    def render(self) -> bytes:
+        "The current picture as PNG bytes."
+        self._draw()
+        return fig_to_png(self.fig)
 
-@patch
-def update(self:SliceBrowser):
-    "Redraw into the widget."
-    self.image.value = self.render()
+    def update(self):
+        "Redraw into the widget."
+        self.image.value = self.render()
 
-@patch
-def _repr_mimebundle_(self:SliceBrowser, **kwargs):
-    return _bundle(self.widget._repr_mimebundle_(**kwargs), self.image.value,
-                   f"SliceBrowser widget at (d, h, w) = {self.idx} (run the cell to use it)")
+    def _repr_mimebundle_(self, **kwargs):
+        return _bundle(self.widget._repr_mimebundle_(**kwargs), self.image.value,
+                       f"SliceBrowser widget at (d, h, w) = {self.idx} (run the cell to use it)")
+
 
 # %% ../nbs/03_viz.ipynb #e24f257c
 _NIIVUE_CMAPS = {"gray": "gray", "grey": "gray", "hot": "hot", "afmhot": "hot", "inferno": "inferno",
@@ -805,55 +799,51 @@ class Explorer:
         self.out = self.compute()
         self._show()
 
-# %% ../nbs/03_viz.ipynb #6551f707
-@patch
-def figure(self:Explorer) -> Figure:
-    "The current row of panels as a (closed) matplotlib figure."
-    o, plane = self.out, self.plane.value
-    vols = [as_volume(o[k]) for k in ("ref", "deg", "warped", "fused")]
-    err = vols[2] - as_volume(o["label"])
-    before = float(np.abs(vols[1] - as_volume(o["label"])).mean())
-    k = _slice_index(None, vols[0].shape)[_PLANES[plane]]
-    fig, axs = plt.subplots(1, 5, figsize=(5 * self.panel, self.panel + 0.4), dpi=self.dpi)
-    names = ["I_R", "I'_D + grid of φ̂", "W(I'_D, φ̂)", "I_fuse", "W(I'_D, φ̂) − degraded I_D"]
-    cm = "hot" if o["task"] == "pet" else "gray"
-    for ax, v, nm, c in zip(axs, vols, names, ["gray", cm, cm, "gray"]):
-        ax.imshow(_plane(v, plane, k), cmap=c, vmin=0, vmax=1, origin="lower", interpolation="nearest")
-        ax.set_title(nm, fontsize=8)
-    step = max(1, round(max(vols[0].shape) / 12))
-    axs[1].add_collection(LineCollection(_grid_segments(_flow_plane(as_flow(o["flow"]), plane, k), step),
-                                         colors="gold", linewidths=0.6))
-    m = max(float(np.abs(err).max()), 1e-6)
-    axs[4].imshow(_plane(err, plane, k), cmap="bwr", vmin=-m, vmax=m, origin="lower", interpolation="nearest")
-    axs[4].set_title(names[4], fontsize=8)
-    A, B = (vols[0].shape[a] for a in _inplane(plane))
-    for ax in axs: ax.set_xticks([]); ax.set_yticks([]); ax.set_xlim(-0.5, A - 0.5); ax.set_ylim(-0.5, B - 0.5)
-    fig.suptitle(f"{o['task']}, s = {o['strength']:.2f}, misalignment × {o['misalign']:.2f}: "
-                 f"mean |error| {before:.3f} before alignment, {float(np.abs(err).mean()):.3f} after", fontsize=9)
-    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.9))
-    plt.close(fig)
-    return fig
+    def figure(self) -> Figure:
+        "The current row of panels as a (closed) matplotlib figure."
+        o, plane = self.out, self.plane.value
+        vols = [as_volume(o[k]) for k in ("ref", "deg", "warped", "fused")]
+        err = vols[2] - as_volume(o["label"])
+        before = float(np.abs(vols[1] - as_volume(o["label"])).mean())
+        k = _slice_index(None, vols[0].shape)[_PLANES[plane]]
+        fig, axs = plt.subplots(1, 5, figsize=(5 * self.panel, self.panel + 0.4), dpi=self.dpi)
+        names = ["I_R", "I'_D + grid of φ̂", "W(I'_D, φ̂)", "I_fuse", "W(I'_D, φ̂) − degraded I_D"]
+        cm = "hot" if o["task"] == "pet" else "gray"
+        for ax, v, nm, c in zip(axs, vols, names, ["gray", cm, cm, "gray"]):
+            ax.imshow(_plane(v, plane, k), cmap=c, vmin=0, vmax=1, origin="lower", interpolation="nearest")
+            ax.set_title(nm, fontsize=8)
+        step = max(1, round(max(vols[0].shape) / 12))
+        axs[1].add_collection(LineCollection(_grid_segments(_flow_plane(as_flow(o["flow"]), plane, k), step),
+                                             colors="gold", linewidths=0.6))
+        m = max(float(np.abs(err).max()), 1e-6)
+        axs[4].imshow(_plane(err, plane, k), cmap="bwr", vmin=-m, vmax=m, origin="lower", interpolation="nearest")
+        axs[4].set_title(names[4], fontsize=8)
+        A, B = (vols[0].shape[a] for a in _inplane(plane))
+        for ax in axs: ax.set_xticks([]); ax.set_yticks([]); ax.set_xlim(-0.5, A - 0.5); ax.set_ylim(-0.5, B - 0.5)
+        fig.suptitle(f"{o['task']}, s = {o['strength']:.2f}, misalignment × {o['misalign']:.2f}: "
+                     f"mean |error| {before:.3f} before alignment, {float(np.abs(err).mean()):.3f} after", fontsize=9)
+        fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.9))
+        plt.close(fig)
+        return fig
 
-@patch
-def render(self:Explorer) -> bytes:
-    "The current picture as PNG bytes."
-    return fig_to_png(self.figure())
+    def render(self) -> bytes:
+        "The current picture as PNG bytes."
+        return fig_to_png(self.figure())
 
-@patch
-def _show(self:Explorer):
-    o = self.out
-    true_max = float(as_flow(o["phi"]).__pow__(2).sum(0).max() ** 0.5)
-    epe = float(np.sqrt(((as_flow(o["flow"]) - as_flow(o["phi"])) ** 2).sum(0)).mean())
-    txt = f"true φ: max {true_max:.2f} voxels; predicted φ̂: mean end-point error {epe:.2f} voxels"
-    if o["probs"] is not None:
-        from unifuse.degrade import CLASSES
-        pr = o["probs"][0].detach().cpu().tolist()
-        txt += "; degradation p = " + ", ".join(f"{c} {v:.2f}" for c, v in zip(CLASSES, pr))
-    self.info.value = f"<span style='font-size:small'>{txt}</span>"
-    self.image.value = self.render()
+    def _show(self):
+        o = self.out
+        true_max = float(as_flow(o["phi"]).__pow__(2).sum(0).max() ** 0.5)
+        epe = float(np.sqrt(((as_flow(o["flow"]) - as_flow(o["phi"])) ** 2).sum(0)).mean())
+        txt = f"true φ: max {true_max:.2f} voxels; predicted φ̂: mean end-point error {epe:.2f} voxels"
+        if o["probs"] is not None:
+            from unifuse.degrade import CLASSES
+            pr = o["probs"][0].detach().cpu().tolist()
+            txt += "; degradation p = " + ", ".join(f"{c} {v:.2f}" for c, v in zip(CLASSES, pr))
+        self.info.value = f"<span style='font-size:small'>{txt}</span>"
+        self.image.value = self.render()
 
-@patch
-def _repr_mimebundle_(self:Explorer, **kwargs):
-    return _bundle(self.widget._repr_mimebundle_(**kwargs), self.image.value,
-                   f"Explorer widget ({self.out['task']}, s = {self.out['strength']:.2f}, misalignment × "
-                   f"{self.out['misalign']:.2f}; run the cell to use it)")
+    def _repr_mimebundle_(self, **kwargs):
+        return _bundle(self.widget._repr_mimebundle_(**kwargs), self.image.value,
+                       f"Explorer widget ({self.out['task']}, s = {self.out['strength']:.2f}, misalignment × "
+                       f"{self.out['misalign']:.2f}; run the cell to use it)")
+
