@@ -227,3 +227,13 @@ def test_ssim_matches_pytorch_msssim():
         mine, lib = ssim3d(a1, b, win_size=w), ssim_lib(a2, b, data_range=1.0, win_size=w)
         assert abs(mine.item() - lib.item()) < 1e-6
         assert rel(torch.autograd.grad(mine, a1)[0], torch.autograd.grad(lib, a2)[0]) < 1e-4
+
+
+def test_environment_switch_turns_the_cpu_kernels_off():
+    "UNIFUSE_CPU_KERNELS=0: the whole process computes as plain PyTorch does (what a user tries first when a CPU result looks wrong)."
+    import os, subprocess, sys
+    code = "import torch; from unifuse.layers import on_fast_path; print(on_fast_path(torch.zeros(1)))"
+    ask = lambda v: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                   env={**os.environ, "UNIFUSE_CPU_KERNELS": v}).stdout.split()[-1]
+    assert ask("0") == "False" and ask("off") == "False"
+    assert ask("1") == str(torch.backends.mkldnn.is_available())

@@ -6,7 +6,7 @@ Docs: https://unifuse.github.io/unifuse/layers.html.md"""
 
 # %% ../nbs/04_layers.ipynb #516d1654
 from __future__ import annotations
-import contextlib
+import contextlib, os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ __all__ = ['CL', 'use_fast_path', 'on_fast_path', 'add_', 'to_cl', 'gram', 'bmm'
            'conv3d_cat']
 
 # %% ../nbs/04_layers.ipynb #66c0ea95
-_FAST = [True]
+_FAST = [os.environ.get("UNIFUSE_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")]   # the switch
 CL = torch.channels_last_3d
 
 @contextlib.contextmanager
