@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from unifuse.config import UniFuseConfig
 from unifuse.fa import (FA, RegBLK, window_cross_attention, neighbourhood_attention, reg_loss, max_level, mind, mind_prior,
-                        token_patches, cost_volume, offsets, affine_fit, mind_affine_prior, match_score)
+                        token_patches, cost_volume, offsets, affine_fit, mind_affine_prior, match_score, prior_confidence)
 from unifuse.spatial import warp, affine_flow, rotation_matrix, resize_flow
 
 
@@ -232,7 +232,7 @@ def test_prior_is_the_start_and_the_head_reads_it():
     cfg = UniFuseConfig.tiny(n_regblk=1, fa_head_init=0.0)
     fa = FA(cfg)
     nn.init.zeros_(fa.blocks[0].out_r.weight); nn.init.zeros_(fa.blocks[0].out_r.bias)
-    assert fa.head[0].in_channels == 2 * cfg.fa_channels + 3 and float(fa.prior_weight.detach()) == 1.0
+    assert fa.head[0].in_channels == 2 * cfg.fa_channels + 3 + 1 and float(fa.prior_weight.detach()) == 1.0   # φ_prior, its match
     fd, fr, P = _inputs(cfg, B=1)
     im = _images(cfg, B=1)
     _, flow_c = fa(fd, fr, P, (32,) * 3, images=im, return_coarse=True)
@@ -329,3 +329,18 @@ def test_cost_volume_is_the_direct_definition():
                             for i, j, k in offsets(r).long().tolist()], 1)
         got = cost_volume(a, b, r)
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), (shape, r)
+
+
+def test_prior_confidence_says_where_the_prior_matches():
+    "1 where I'_D moved by φ is I_R (any contrast), lower where φ is wrong; the head reads it only with fa_prior_confidence."
+    n, q = 32, 4
+    ref = _textured_ball(n, (16, 16, 16), 14, seed=6)
+    shift = torch.zeros(1, 3, n // q, n // q, n // q); shift[:, 2] = 1.0       # one token along W
+    deg = 1 - warp(ref, -resize_flow(shift, (n,) * 3))                        # I'_D(p + φ(p)) = 1 − I_R(p)
+    fg = F.avg_pool3d((ref > 0.05).float(), q)[0, 0] > 0.5
+    right, wrong = prior_confidence(ref, deg, shift, q), prior_confidence(ref, deg, 0 * shift, q)
+    assert right.shape == (1, 1, 8, 8, 8) and float(right.max()) <= 1 + 1e-5
+    assert float(right[0, 0][fg].mean()) > 0.9 > float(wrong[0, 0][fg].mean()) + 0.3
+    c = UniFuseConfig.tiny()
+    assert FA(c.replace(fa_prior_confidence=False)).head[0].in_channels == 2 * c.fa_channels + 3
+    assert UniFuseConfig.from_dict({k: v for k, v in c.to_dict().items() if k != "fa_prior_confidence"}).fa_prior_confidence is False

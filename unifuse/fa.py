@@ -20,7 +20,8 @@ from .blocks import ChannelNorm, PromptMLP, ConvFFN
 
 # %% auto #0
 __all__ = ['window_cross_attention', 'neighbourhood_attention', 'max_level', 'RegBLK', 'mind', 'token_patches', 'offsets',
-           'cost_volume', 'mind_prior', 'affine_fit', 'match_score', 'mind_affine_prior', 'FA', 'reg_loss']
+           'cost_volume', 'mind_prior', 'affine_fit', 'match_score', 'mind_affine_prior', 'prior_confidence', 'FA',
+           'reg_loss']
 
 # %% ../nbs/30_fa.ipynb #d7f51d55
 def window_cross_attention(q:Tensor, # queries (B, C, d, h, w)
@@ -196,23 +197,13 @@ def offsets(radius:int, device=None) -> Tensor:
 def cost_volume(a:Tensor, # (B, C, d, h, w): what looks
                 b:Tensor, # (B, C, d, h, w): where it looks (edges replicated)
                 radius:int, # offsets up to this many cells along each axis
-                block:int=4, # cells per side of the blocks that are matched at once
                ) -> Tensor: # (B, (2r+1)³, d, h, w): cos(a(p), b(p + o)) for every offset o of `offsets(radius)`
-    "Cosine similarity of each cell of `a` with the cells of `b` around it: each block of cells against its neighbourhood as one matrix product."
+    "Cosine similarity of each cell of `a` with the cells of `b` around it."
     a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    r, s, (B, C, d, h, w) = radius, block, a.shape
-    pad = ((-w) % s, (-h) % s, (-d) % s)                                    # the grid up to a multiple of the block
-    a = F.pad(a, (0, pad[0], 0, pad[1], 0, pad[2]))
-    bp = F.pad(F.pad(b, (r,) * 6, mode="replicate"), (0, pad[0], 0, pad[1], 0, pad[2]), mode="replicate")
-    nd, nh, nw, m = a.shape[2] // s, a.shape[3] // s, a.shape[4] // s, s + 2 * r   # blocks; their neighbourhood's side
-    ab = a.reshape(B, C, nd, s, nh, s, nw, s).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, s ** 3, C)
-    bb = bp.unfold(2, m, s).unfold(3, m, s).unfold(4, m, s).permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(B, -1, C, m ** 3)
-    sim = ab @ bb                                                           # (B, blocks, s³, m³): every pair within reach
-    cell = torch.stack(torch.meshgrid(*[torch.arange(s, device=a.device)] * 3, indexing="ij"), -1).reshape(-1, 1, 3)
-    q = cell + offsets(r, a.device).long()[None] + r                        # (s³, K, 3): p + o inside the neighbourhood
-    cv = torch.take_along_dim(sim, ((q[..., 0] * m + q[..., 1]) * m + q[..., 2])[None, None], 3)   # (B, blocks, s³, K)
-    cv = cv.reshape(B, nd, nh, nw, s, s, s, -1).permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, nd * s, nh * s, nw * s)
-    return cv[:, :, :d, :h, :w]
+    r, (d, h, w) = radius, a.shape[2:]
+    bp = F.pad(b, (r,) * 6, mode="replicate")
+    return torch.stack([(a * bp[:, :, r + i:r + i + d, r + j:r + j + h, r + k:r + k + w]).sum(1)
+                        for i, j, k in offsets(r).long().tolist()], 1)
 
 @torch.no_grad()
 def mind_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
@@ -303,6 +294,17 @@ def mind_affine_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
         phi, b, score = torch.where(k, new, phi), torch.where(k, b_new, b), torch.where(keep, s_new, score)
     return phi
 
+@torch.no_grad()
+def prior_confidence(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
+                     deg:Tensor, # I'_D (B, 1, D, H, W) on the same grid
+                     phi:Tensor, # φ at 1/Q (B, 3, D/q, H/q, W/q), in 1/Q voxels
+                     q:int, # token side Q
+                    ) -> Tensor: # (B, 1, D/q, H/q, W/q) in [−1, 1]
+    "How well I'_D moved by φ matches I_R at each token: the cosine of their MIND token vectors (1: the same local structure)."
+    a = token_patches(mind(ref.float()), q)
+    b = token_patches(mind(warp(deg.float(), resize_flow(phi.float(), ref.shape[2:]))), q)
+    return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1, keepdim=True)
+
 # %% ../nbs/30_fa.ipynb #9f827f6d
 class FA(nn.Module):
     "Feature alignment: J RegBLKs over the unified features and a head predicting φ_D→R (Eq. 6 supervises it)."
@@ -319,8 +321,9 @@ class FA(nn.Module):
                                            cosine=cfg.fa_attention == "cosine", radius=radius, pad_mode=cfg.pad_mode)
                                     for i in range(J))
         self.prior = cfg.fa_prior != "none"                                 # φ_prior: matching of MIND descriptors
-        self.head = nn.Sequential(Conv3d(2 * c + 3 * self.prior, c, 3, padding=1, padding_mode=cfg.pad_mode), nn.ReLU(),
-                                  Conv3d(c, 3, 1))                          # reads the prior too, so it can correct it
+        self.confidence = self.prior and cfg.fa_prior_confidence           # and how well it matches, token by token
+        self.head = nn.Sequential(Conv3d(2 * c + 3 * self.prior + self.confidence, c, 3, padding=1, padding_mode=cfg.pad_mode),
+                                  nn.ReLU(), Conv3d(c, 3, 1))               # reads the prior too, so it can correct it
         nn.init.zeros_(self.head[-1].bias)
         if cfg.fa_head_init > 0: nn.init.normal_(self.head[-1].weight, std=cfg.fa_head_init)   # small: φ ≈ 0, gradient everywhere
         else: nn.init.zeros_(self.head[-1].weight)                          # φ = 0 (identity) at start
@@ -348,7 +351,9 @@ class FA(nn.Module):
             if self.direct is None: fd, fr = blk(fd, fr, g)
             else: fd, fr, u = blk(fd, fr, g, return_disp=True); disps.append(u)   # u: (B, 3, d, h, w) 1/Q voxels
         prior = self.prior_flow(images, fbar_d.shape[2:]).to(fd.dtype) if self.prior else None   # (B, 3, d, h, w) or None
-        phi_c = self.head(torch.cat([fd, fr] + ([prior] if self.prior else []), 1))   # (B, 3, d, h, w), 1/Q voxels
+        extra = [] if not self.prior else [prior] if not self.confidence else \
+                [prior, prior_confidence(*images, prior, self.cfg.patch).to(fd.dtype)]   # (B, 1, d, h, w): where to trust it
+        phi_c = self.head(torch.cat([fd, fr] + extra, 1))                   # (B, 3, d, h, w), 1/Q voxels
         if disps: phi_c = phi_c + torch.einsum("j,jbcdhw->bcdhw", self.direct.to(phi_c.dtype), torch.stack(disps))
         if self.prior: phi_c = phi_c + self.prior_weight.to(phi_c.dtype) * prior
         phi_c = phi_c.contiguous()                                          # channels-first:
