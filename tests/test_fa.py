@@ -344,3 +344,12 @@ def test_prior_confidence_says_where_the_prior_matches():
     c = UniFuseConfig.tiny()
     assert FA(c.replace(fa_prior_confidence=False)).head[0].in_channels == 2 * c.fa_channels + 3
     assert UniFuseConfig.from_dict({k: v for k, v in c.to_dict().items() if k != "fa_prior_confidence"}).fa_prior_confidence is False
+
+
+def test_the_affine_prior_returns_its_own_confidence():
+    "mind_affine_prior's last round already matched I_R against I'_D moved by φ: the map it returns is prior_confidence's."
+    ref = _textured_ball(32, (16, 16, 16), 13, seed=7)
+    deg = 1 - warp(ref, -affine_flow(rotation_matrix(torch.tensor([[0.1, 0.0, -0.05]])), torch.tensor([[1.0, -2.0, 0.5]]), (32,) * 3))
+    phi, conf = mind_affine_prior(ref, deg, 4, return_confidence=True)
+    assert torch.equal(phi, mind_affine_prior(ref, deg, 4))
+    assert torch.allclose(conf, prior_confidence(ref, deg, phi, 4), atol=1e-5)

@@ -271,6 +271,7 @@ def mind_affine_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
                       residual_cube:int=7, # the last, local matching (±1 token, no fit): cube side
                       level:float=0.05, # foreground: voxels of I_R above this count in the affine fits
                       guard:bool=True, # keep a round only if it raises `match_score`; cap |φ| at its largest over I_R's foreground
+                      return_confidence:bool=False, # also return `prior_confidence` of the result (free: the last round computed it)
                      ) -> Tensor: # φ_prior (B, 3, D/q, H/q, W/q) in 1/Q voxels
     "`mind_prior` and a robust affine fit to its matches, `rounds` times on I'_D warped by what is found so far, then one local ±1-token matching; all composed, each round kept only where it improves the match."
     fg = F.avg_pool3d((ref > level).float(), q)                             # foreground share of each token
@@ -292,6 +293,7 @@ def mind_affine_prior(ref:Tensor, # I_R (B, 1, D, H, W), sides multiples of q
         if phi is None: phi = torch.zeros_like(new)
         k = keep.view(-1, 1, 1, 1, 1)
         phi, b, score = torch.where(k, new, phi), torch.where(k, b_new, b), torch.where(keep, s_new, score)
+    if return_confidence: return phi, (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1, keepdim=True)
     return phi
 
 @torch.no_grad()
@@ -350,9 +352,11 @@ class FA(nn.Module):
         for blk in self.blocks:                                             # F̄^{i+1}
             if self.direct is None: fd, fr = blk(fd, fr, g)
             else: fd, fr, u = blk(fd, fr, g, return_disp=True); disps.append(u)   # u: (B, 3, d, h, w) 1/Q voxels
-        prior = self.prior_flow(images, fbar_d.shape[2:]).to(fd.dtype) if self.prior else None   # (B, 3, d, h, w) or None
-        extra = [] if not self.prior else [prior] if not self.confidence else \
-                [prior, prior_confidence(*images, prior, self.cfg.patch).to(fd.dtype)]   # (B, 1, d, h, w): where to trust it
+        extra = []                                                          # φ_prior (B, 3, d, h, w), and where to trust it (B, 1, d, h, w)
+        if self.prior:
+            out = self.prior_flow(images, fbar_d.shape[2:], confidence=self.confidence)
+            extra = [t.to(fd.dtype) for t in (out if self.confidence else (out,))]
+        prior = extra[0] if extra else None
         phi_c = self.head(torch.cat([fd, fr] + extra, 1))                   # (B, 3, d, h, w), 1/Q voxels
         if disps: phi_c = phi_c + torch.einsum("j,jbcdhw->bcdhw", self.direct.to(phi_c.dtype), torch.stack(disps))
         if self.prior: phi_c = phi_c + self.prior_weight.to(phi_c.dtype) * prior
@@ -362,7 +366,8 @@ class FA(nn.Module):
 
     def prior_flow(self, images, # (I_R, I'_D) grey (B, 1, D, H, W)
                    grid, # the 1/Q grid (d, h, w) of the features
-                  ) -> Tensor: # φ_prior (B, 3, d, h, w) in 1/Q voxels
+                   confidence:bool=False, # also return `prior_confidence` of φ_prior
+                  ): # φ_prior (B, 3, d, h, w) in 1/Q voxels; with `confidence` a pair (φ_prior, (B, 1, d, h, w))
         "The prior's φ at 1/Q, with the images checked against the features' grid."
         cfg = self.cfg
         if images is None or len(images) != 2:
@@ -374,8 +379,10 @@ class FA(nn.Module):
             if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != want:
                 raise ValueError(f"FA: images must be grey (B, 1, D, H, W) volumes on the features' grid ×Q = {want}; "
                                  f"{name} is {tuple(x.shape)}")
-        if cfg.fa_prior == "mind_affine": return mind_affine_prior(ref, deg, cfg.patch, cfg.fa_radius, cfg.fa_prior_cube)
-        return mind_prior(ref, deg, cfg.patch, cfg.fa_radius, cfg.fa_prior_cube)
+        if cfg.fa_prior == "mind_affine":
+            return mind_affine_prior(ref, deg, cfg.patch, cfg.fa_radius, cfg.fa_prior_cube, return_confidence=confidence)
+        phi = mind_prior(ref, deg, cfg.patch, cfg.fa_radius, cfg.fa_prior_cube)
+        return (phi, prior_confidence(ref, deg, phi, cfg.patch)) if confidence else phi
 
 # %% ../nbs/30_fa.ipynb #1db69170
 def reg_loss(flow:Tensor, # predicted φ_D→R (B, 3, D, H, W), voxels
