@@ -9,7 +9,7 @@
 * Parameters: total and per part beside the paper's (UFR&F 0.948 M; 2.986 M with multi-experts).
 * CPU: forward time and peak memory at `--cpu-size` (default 128³), the time of what the counter cannot
   see (selective scans, spatial SSMs and warps, measured by wrapping them), and the profiler's top operations;
-  with `--cpu-plain`, the same forward with the CPU fast path switched off (`unifuse.layers.use_fast_path(False)`:
+  with `--cpu-plain`, the same forward with the CPU fast path switched off (`unifuse.cpu.switch.use_kernels(False)`:
   plain PyTorch, channels-first), interleaved, medians of process CPU time, and the ratio.
 * CUDA (only where a GPU exists): batch `--cuda-batch` × `--cuda-size`³ (default 3 × 160³) with bf16
   autocast: forward, forward + backward of the total loss, a full AdamW step, peak memory, and the time
@@ -33,7 +33,7 @@ except ImportError: sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.a
 import unifuse.ssm as ssm_mod
 import unifuse.oufr as oufr_mod
 import unifuse.model as model_mod
-from unifuse.layers import use_fast_path
+from unifuse.cpu.switch import use_kernels
 from unifuse.model import UniFuse, UniFuseConfig
 
 
@@ -51,7 +51,7 @@ def count_flops(cfg: UniFuseConfig, size: int, device: str = "meta") -> dict:
         s = -(-size // m) * m                                               # padded size, as model() would
         ref = torch.rand(1, 1, s, s, s)
         deg = torch.rand(1, 1, s, s, s)
-        with torch.no_grad(), use_fast_path(False), FlopCounterMode(display=False, depth=None) as fc:
+        with torch.no_grad(), use_kernels(False), FlopCounterMode(display=False, depth=None) as fc:
             model(ref, deg)                                                 # the public forward (value checks skip meta);
                                                                             # plain path: the network's FLOPs, not a CPU route's
     counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
@@ -131,7 +131,7 @@ def cpu_fast_vs_plain(cfg: UniFuseConfig, size: int, reps: int = 3, threads: int
     with torch.no_grad():
         for i in range(2 * reps + 2):
             fast = bool(i % 2)
-            with use_fast_path(fast):
+            with use_kernels(fast):
                 t0, c0 = time.perf_counter(), time.process_time()
                 o = model(ref, deg)
                 if i >= 2: wall[fast].append(time.perf_counter() - t0); cpu[fast].append(time.process_time() - c0)

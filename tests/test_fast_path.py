@@ -1,4 +1,4 @@
-"""The CPU fast path (unifuse.layers and the channels-last routes of SSM, OUFR, FA and UFR&F) computes what the
+"""The CPU kernels (unifuse.cpu: the switch, the convolutions, the fused forms of Eq. 3 and Eq. 9) computes what the
 plain PyTorch path computes.
 
 Tolerances (float32 rounding, different summation orders): outputs and loss terms to 1e-5 (relative for losses);
@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from unifuse.layers import CL, Conv3d, conv3d, gram, mix_channels, on_fast_path, to_cl, use_fast_path
+from unifuse.cpu.switch import CL, accelerated, applies, set_kernels, to_cl, use_kernels
+from unifuse.cpu.conv import Conv3d, conv3d, gram
 from unifuse.model import UniFuse, UniFuseConfig
 from unifuse.degrade import make_batch
 from unifuse.data import builtin_pair
 
-pytestmark = pytest.mark.skipif(not on_fast_path(torch.zeros(1)), reason="no oneDNN in this torch build: no fast path")
+pytestmark = pytest.mark.skipif(not applies(torch.zeros(1)), reason="no oneDNN in this torch build: no fast path")
 
 
 def rel(a, b):
@@ -25,7 +26,7 @@ def both_paths(fn):
     "fn() run off and on the fast path: (reference, fast)."
     out = []
     for fast in (False, True):
-        with use_fast_path(fast): out.append(fn())
+        with use_kernels(fast): out.append(fn())
     return out
 
 
@@ -99,10 +100,10 @@ def test_conv3d_layout_and_passthrough():
     x = torch.rand(2, 8, 6, 6, 6)
     y = Conv3d(8, 8, 3, padding=1, groups=8)(x)
     assert y.is_contiguous(memory_format=CL)                            # channels-last inside the model
-    with use_fast_path(False): assert not Conv3d(8, 8, 1)(x).is_contiguous(memory_format=CL)
+    with use_kernels(False): assert not Conv3d(8, 8, 1)(x).is_contiguous(memory_format=CL)
     xd = x.double()                                                      # other dtypes: plain nn.Conv3d
     c = Conv3d(8, 8, 1).double()
-    assert not on_fast_path(xd) and torch.allclose(c(xd), F.conv3d(xd, c.weight, c.bias))
+    assert not applies(xd) and torch.allclose(c(xd), F.conv3d(xd, c.weight, c.bias))
     m = Conv3d(8, 8, 3, padding=1, groups=8, device="meta")              # meta: shapes only (FLOP counting)
     assert m(torch.empty(1, 8, 300, 300, 300, device="meta")).shape == (1, 8, 300, 300, 300)
     one = torch.rand(2, 1, 6, 6, 6)                                      # one channel: explicit channels-last strides
@@ -110,17 +111,17 @@ def test_conv3d_layout_and_passthrough():
 
 
 def test_fast_path_switch_restores():
-    with use_fast_path(False):
-        assert not on_fast_path(torch.zeros(1))
-        with use_fast_path(True): assert on_fast_path(torch.zeros(1))
-        assert not on_fast_path(torch.zeros(1))
-    assert on_fast_path(torch.zeros(1))
-    with pytest.raises(RuntimeError), use_fast_path(False): raise RuntimeError("inside")
-    assert on_fast_path(torch.zeros(1))                                  # restored after an exception too
+    with use_kernels(False):
+        assert not applies(torch.zeros(1))
+        with use_kernels(True): assert applies(torch.zeros(1))
+        assert not applies(torch.zeros(1))
+    assert applies(torch.zeros(1))
+    with pytest.raises(RuntimeError), use_kernels(False): raise RuntimeError("inside")
+    assert applies(torch.zeros(1))                                  # restored after an exception too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                                  # torch's note on oneDNN TF32 when toggled
         with torch.backends.mkldnn.flags(enabled=False):                 # oneDNN off by the user: plain path
-            assert not on_fast_path(torch.zeros(1))
+            assert not applies(torch.zeros(1))
             c = Conv3d(4, 4, 1); x = torch.rand(1, 4, 3, 3, 3)
             assert torch.allclose(c(x), F.conv3d(x, c.weight, c.bias))
 
@@ -131,18 +132,6 @@ def test_gram(K, m, n):
     a, b = torch.randn(2, K, m, generator=g), torch.randn(2, K, n, generator=g)
     assert rel(gram(a, b), a.double().transpose(1, 2) @ b.double()) < 1e-5
     assert rel(gram(a[0], b[0]), a[0].double().t() @ b[0].double()) < 1e-5
-
-
-def test_mix_channels():
-    x, M = torch.rand(2, 4, 5, 6, 7), torch.randn(2, 3, 4)
-    def run():
-        xx, MM = x.clone().requires_grad_(), M.clone().requires_grad_()
-        y = mix_channels(xx, MM)
-        y.square().sum().backward()
-        return [y.detach(), xx.grad, MM.grad]
-    ref, fast = both_paths(run)
-    assert torch.allclose(ref[0][1, :, 1, 2, 3], M[1] @ x[1, :, 1, 2, 3], atol=1e-6)
-    for a, b in zip(fast, ref): assert rel(a, b) < 1e-5
 
 
 def _batch(size, tasks, seed=0):
@@ -232,8 +221,78 @@ def test_ssim_matches_pytorch_msssim():
 def test_environment_switch_turns_the_cpu_kernels_off():
     "UNIFUSE_CPU_KERNELS=0: the whole process computes as plain PyTorch does (what a user tries first when a CPU result looks wrong)."
     import os, subprocess, sys
-    code = "import torch; from unifuse.layers import on_fast_path; print(on_fast_path(torch.zeros(1)))"
+    code = "import torch; from unifuse.cpu.switch import applies; print(applies(torch.zeros(1)))"
     ask = lambda v: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                    env={**os.environ, "UNIFUSE_CPU_KERNELS": v}).stdout.split()[-1]
     assert ask("0") == "False" and ask("off") == "False"
     assert ask("1") == str(torch.backends.mkldnn.is_available())
+
+
+OPS = {   # small float64 inputs: gradcheck perturbs every element
+    "depthwise_conv": lambda d: (torch.randn(3, 4, 4, 3, 4, **d), torch.randn(4, 1, 3, 3, 3, **d), torch.randn(4, **d)),
+    "depthwise_conv_no_bias": lambda d: (torch.randn(2, 3, 2, 4, 4, **d), torch.randn(3, 1, 3, 3, 3, **d), None),
+    "channel_attention": lambda d: (torch.randn(2, 40, 4, **d), torch.randn(2, 40, 4, **d), torch.randn(2, 40, 4, **d),
+                                    torch.randn(2, 2, 2, 2, **d), torch.rand(2, 1, 1, **d), 2),
+    "spatial_scan": lambda d: (torch.randn(2, 50, 3, **d), torch.rand(2, 50, 3, **d),
+                               (-torch.rand(3, 4, dtype=torch.float64) - 0.1).requires_grad_(),
+                               torch.randn(2, 50, 4, **d), torch.randn(2, 50, 4, **d), torch.randn(2, 3, 4, **d), 16),
+}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_custom_op_opcheck_and_gradcheck(name):
+    "Each CPU kernel is a torch.library custom op: schema, fake tensor, autograd registration and AOT tracing (opcheck); float64 gradients against finite differences."
+    import unifuse.cpu.fused  # noqa: F401  (registers the fused ops)
+    op = getattr(torch.ops.unifuse, name.replace("_no_bias", "")).default
+    torch.manual_seed(0)
+    args = OPS[name](dict(dtype=torch.float64, requires_grad=True))
+    torch.library.opcheck(op, args)
+    assert torch.autograd.gradcheck(lambda *a: op(*a), args)
+
+
+def test_accelerated_picks_by_switch_and_dtype():
+    @accelerated(lambda x: x + 1)
+    def f(x): return x
+    assert f(torch.zeros(1)).item() == 1                                 # float32 CPU: the kernel
+    assert f(torch.zeros(1, dtype=torch.float64)).item() == 0            # other dtypes: the reference
+    assert f([torch.zeros(1), torch.zeros(1, dtype=torch.float64)]) is not None
+    with use_kernels(False): assert f(torch.zeros(1)).item() == 0
+    set_kernels(False)
+    try: assert not applies(torch.zeros(1))
+    finally: set_kernels(True)
+    assert applies(torch.zeros(1))
+
+
+def test_import_registers_only_own_flop_formulas():
+    "Importing the package teaches FlopCounterMode the formulas of its own ops and nothing of torch's."
+    import os, subprocess, sys
+    code = ("import torch; from torch.utils import flop_counter as fc; n0 = set(fc.flop_registry); "
+            "import unifuse.model, unifuse.train, unifuse.fuse; new = set(fc.flop_registry) - n0; "
+            "print(sorted(str(o) for o in new))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ).stdout.strip().splitlines()[-1]
+    assert "aten" not in out and "unifuse.depthwise_conv" in out and "unifuse.spatial_scan" in out, out
+
+
+def test_cpu_kernels_flag(tmp_path):
+    "--cpu-kernels off on the command lines switches the kernels off for the run; a wrong value is a one-line user error."
+    from unifuse.cli import cpu_kernels_flag
+    import argparse
+    p = argparse.ArgumentParser(); cpu_kernels_flag(p)
+    try:
+        assert p.parse_args(["--cpu-kernels", "off"]).cpu_kernels == "off"
+        with pytest.raises(SystemExit): p.parse_args(["--cpu-kernels", "maybe"])
+    finally: set_kernels(True)
+
+
+@pytest.mark.parametrize("radius,grid", [(1, (5, 6, 7)), (2, (12, 12, 12)), (2, (7, 9, 6))])
+def test_cost_volume_kernel_matches_reference(radius, grid):
+    "FA's block matching: the blocked matrix-product kernel gives the reference's cosines on any grid size, and counts the reference's FLOPs."
+    from torch.utils.flop_counter import FlopCounterMode
+    from unifuse.fa import cost_volume
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 24, *grid), torch.randn(2, 24, *grid)
+    with use_kernels(False), FlopCounterMode(display=False) as f0: ref = cost_volume(a, b, radius)
+    with FlopCounterMode(display=False) as f1: got = cost_volume(a, b, radius)
+    assert got.shape == ref.shape == (2, (2 * radius + 1) ** 3, *grid)
+    assert (got - ref).abs().max() < 1e-5
+    assert f0.get_total_flops() == f1.get_total_flops()

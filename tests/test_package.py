@@ -41,7 +41,8 @@ def test_every_notebook_exports_a_module(nb):
         assert not mod, f"{nb.name} is listed in NO_EXPORT ({NO_EXPORT[nb.name]}) but exports unifuse/{mod}.py"
         return
     assert mod, f"{nb.name} has no '#| default_exp' line (add one, or list it in NO_EXPORT with the reason)"
-    assert (ROOT / "unifuse" / f"{mod}.py").exists(), f"{nb.name} exports unifuse/{mod}.py, which is missing"
+    path = ROOT / "unifuse" / (mod.replace(".", "/") + ".py")                  # cpu.conv: unifuse/cpu/conv.py
+    assert path.exists(), f"{nb.name} exports {path.relative_to(ROOT)}, which is missing"
 
 
 def test_no_two_notebooks_export_one_module():

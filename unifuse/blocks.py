@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from einops import rearrange
-from .layers import Conv3d, on_fast_path, to_cl
+from .cpu.conv import Conv3d
 
 # %% auto #0
 __all__ = ['ChannelNorm', 'PromptMLP', 'ConvFFN', 'to_tokens', 'to_volume']
@@ -24,15 +24,8 @@ class ChannelNorm(nn.Module):
         super().__init__()
         self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), eps
     def forward(self, x:Tensor) -> Tensor:                                  # x (B, C, D, H, W)
-        if on_fast_path(x):                                                 # CPU: one fused kernel on channels-last
-            y = F.layer_norm(to_cl(x).permute(0, 2, 3, 4, 1), x.shape[1:2], self.weight, self.bias, self.eps)
-            return y.permute(0, 4, 1, 2, 3)                                 # (B, C, D, H, W), channels-last
-        dt, x = x.dtype, x.float()                                          # statistics in float32 (bf16 autocast)
-        mu = x.mean(1, keepdim=True)                                        # (B, 1, D, H, W)
-        var = (x - mu).pow(2).mean(1, keepdim=True)                         # (B, 1, D, H, W)
-        x = (x - mu) * torch.rsqrt(var + self.eps)
-        return (x * self.weight[:, None, None, None] + self.bias[:, None, None, None]).to(dt)
-
+        y = F.layer_norm(x.movedim(1, -1).float(), x.shape[1:2], self.weight.float(), self.bias.float(), self.eps)
+        return y.movedim(-1, 1).to(x.dtype)                                 # statistics in float32 (bf16 autocast too)
 
 class PromptMLP(nn.Module):
     "Guidance vector from the prompt P̂: classes summed (weighted by p when given), flattened, a 2-layer MLP."

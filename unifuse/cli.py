@@ -10,7 +10,7 @@ import argparse, sys
 from contextlib import contextmanager
 
 # %% auto #0
-__all__ = ['UserError', 'MissingDependency', 'Parser', 'one_line', 'user_input', 'run']
+__all__ = ['UserError', 'MissingDependency', 'Parser', 'one_line', 'user_input', 'run', 'cpu_kernels_flag']
 
 # %% ../nbs/07a_cli.ipynb #3ca139cc
 class UserError(ValueError):
@@ -55,3 +55,15 @@ def run(prog:str, # the command's name, e.g. "unifuse-fuse"
     except SystemExit as e:                                                 # argparse's --help
         if e.code is None or isinstance(e.code, int): return e.code or 0
         raise
+
+class _CpuKernels(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        from .cpu.switch import set_kernels
+        set_kernels(value == "on")
+        setattr(namespace, self.dest, value)
+
+def cpu_kernels_flag(p:argparse.ArgumentParser):
+    "Add `--cpu-kernels on|off` to a command's parser: off runs every CPU kernel's reference instead, for the whole command."
+    p.add_argument("--cpu-kernels", choices=("on", "off"), default=None, action=_CpuKernels,
+                   help="on (default, unless UNIFUSE_CPU_KERNELS=0) or off: the CPU kernels of unifuse.cpu, or the plain "
+                        "PyTorch reference of each (slower; the first thing to try when a CPU result looks wrong)")

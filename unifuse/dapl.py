@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from .config import UniFuseConfig
 from .ssm import MambaBlock
-from .layers import Conv3d, conv3d_cat, to_cl
+from .cpu.switch import to_cl
+from .cpu.conv import Conv3d, conv3d_cat
 from .blocks import to_tokens, to_volume
 
 
@@ -23,7 +24,7 @@ __all__ = ['SharedEncoder', 'PatchEmbed', 'token_orders', 'RunningNorm', 'StateR
 
 # %% ../nbs/10_dapl.ipynb #e018bc1f
 def _cl(x:Tensor) -> Tensor:
-    "Channels-last 3D layout on the CPU fast path, for the gradient too; unchanged elsewhere."
+    "Channels-last 3D layout on the CPU kernels, for the gradient too; unchanged elsewhere."
     return to_cl(x, grad=True)
 
 class SharedEncoder(nn.Module):

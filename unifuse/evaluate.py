@@ -18,7 +18,7 @@ from .metrics import (fusion_metrics, alignment_metrics, dice, folding_fraction,
                              invert_flow, count_flops, count_params)
 from .spatial import warp
 from .device import resolve_device
-from .cli import Parser, UserError, one_line, run
+from .cli import Parser, UserError, cpu_kernels_flag, one_line, run
 
 
 # %% auto #0
@@ -445,6 +445,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  unifuse-eval --out results                      # baseline on built-in heads\n"
                "  unifuse-eval --checkpoint model.pt --tasks mri --n 5 --out results --overwrite\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    cpu_kernels_flag(p)
     p.add_argument("--checkpoint", type=Path, default=None, help="model saved by UniFuse.save (default: none, baseline only)")
     p.add_argument("--dataset", default="builtin", choices=["builtin", *READERS],
                    help="'builtin' (default: built-in heads) or a reader of unifuse.data")

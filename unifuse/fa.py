@@ -14,7 +14,9 @@ from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
 from .spatial import resize_flow, warp, compose
-from .layers import Conv3d
+from .cpu.switch import accelerated
+from .cpu.conv import Conv3d
+from .cpu.fused import cost_volume_blocks
 from .blocks import ChannelNorm, PromptMLP, ConvFFN
 
 
@@ -194,6 +196,10 @@ def offsets(radius:int, device=None) -> Tensor:
     r = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
     return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
 
+def _cost_volume_kernel(a, b, radius):
+    return cost_volume_blocks(F.normalize(a, dim=1), F.normalize(b, dim=1), offsets(radius, a.device), radius)
+
+@accelerated(_cost_volume_kernel)
 def cost_volume(a:Tensor, # (B, C, d, h, w): what looks
                 b:Tensor, # (B, C, d, h, w): where it looks (edges replicated)
                 radius:int, # offsets up to this many cells along each axis

@@ -22,7 +22,7 @@ from .files import atomic_path, check_writable
 from .spatial import warp, resize_flow, jacobian_det, compose
 from .model import UniFuse
 from .device import resolve_device
-from .cli import MissingDependency, Parser, UserError, one_line, run, user_input
+from .cli import MissingDependency, Parser, UserError, cpu_kernels_flag, one_line, run, user_input
 
 
 # %% auto #0
@@ -804,6 +804,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aligned", nargs="?", const=True, default=None, metavar="A",
                    help="also write W(DEG, φ), DEG aligned onto REF in [0, 1] (default name: *_aligned.nii.gz)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when available)")
+    cpu_kernels_flag(p)
     p.add_argument("--ref-norm", default="auto", choices=NORMS, help="REF's intensities → [0, 1] (default auto: by modality and range)")
     p.add_argument("--deg-norm", default="auto", choices=NORMS, help="DEG's intensities → [0, 1] (default auto)")
     p.add_argument("--window", type=_window_arg, default="auto", metavar="N",

@@ -17,70 +17,20 @@ from .config import UniFuseConfig
 from .ssm import MambaBlock
 from .dapl import PatchEmbed
 from .blocks import to_volume, to_tokens
-from .layers import Conv3d, on_fast_path
+from .cpu.switch import accelerated
+from .cpu.conv import Conv3d
+from .cpu.fused import block_tokens, spatial_scan
 
 # %% auto #0
 __all__ = ['spatial_ssm', 'SpatialMambaLayer', 'MambaLayer', 'TransformerLayer', 'OUFR', 'l_cont', 'moda_loss', 'shifted_crops',
            'correspondence', 'random_contrast', 'neighbours']
 
-# %% ../nbs/20_oufr.ipynb #44af0a5d
-_LOG2E = 1.4426950408889634                                          # exp(z) = 2^(z log2 e); exp2 is the faster one
-
-def _block_tokens(x, A):
-    "Tokens per block of `_SpatialSSM`: a (B, d, n, T) block of about 2¹⁸ floats (1 MiB) per CPU thread stays in cache."
-    return max(64, 2 ** 18 * torch.get_num_threads() // max(1, x.shape[0] * A.numel()))
-
-def _decay_block(deltaT, A2, out):
-    "exp(Δ A) for a block of tokens into `out` (B, d, n, T); exponents clamped at 2^-126 (CPU exp slows down on subnormals)."
-    torch.mul(deltaT[:, :, None], A2, out=out)
-    return out.clamp_(min=-126.0).exp2_()
-
-class _SpatialSSM(torch.autograd.Function):
-    "y_i = Σ_n exp(Δ_i A) H C_i + Δ_i x_i (B_i·C_i), tokens innermost, block by block; the backward recomputes each block."
-    @staticmethod
-    def forward(ctx, x, delta, A, B, C, H, T):
-        b, L, d = x.shape
-        xT, dT = x.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous()   # (B, d, L): tokens innermost,
-        BT, CT = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()       # (B, n, L)  long vector loops
-        A2, H4 = (A * _LOG2E)[None, :, :, None], H[..., None]                # (1, d, n, 1), (B, d, n, 1)
-        yT = x.new_empty(b, d, L)
-        E = x.new_empty(b, d, A.shape[1], min(T, L))
-        for s in range(0, L, T):
-            e = min(s + T, L)
-            Ek = _decay_block(dT[..., s:e], A2, E[..., :e - s])             # Ā_i (B, d, n, T)
-            yT[..., s:e] = Ek.mul_(H4).mul_(CT[:, None, :, s:e]).sum(2)     # C_i Ā_i H
-        yT += dT * xT * (BT * CT).sum(1, keepdim=True)                       # + C_i B̄_i x_i
-        ctx.save_for_backward(xT, dT, A, BT, CT, H)
-        ctx.T = T
-        return yT.transpose(1, 2)                                           # (B, L, d)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        xT, dT, A, BT, CT, H = ctx.saved_tensors
-        b, d, L = xT.shape
-        T, gT = ctx.T, gy.transpose(1, 2).contiguous()                       # (B, d, L)
-        A2, A3, H4 = (A * _LOG2E)[None, :, :, None], A[None, :, :, None], H[..., None]
-        gdT, gCT = torch.empty_like(dT), torch.empty_like(CT)
-        gA, gH = torch.zeros_like(A), torch.zeros_like(H)
-        E = xT.new_empty(b, d, A.shape[1], min(T, L)); W = torch.empty_like(E)
-        for s in range(0, L, T):
-            e = min(s + T, L)
-            Ek, Wk, g4 = _decay_block(dT[..., s:e], A2, E[..., :e - s]), W[..., :e - s], gT[:, :, None, s:e]
-            torch.mul(g4, CT[:, None, :, s:e], out=Wk).mul_(Ek)             # Q = gy C Ā (B, d, n, T)
-            gH += Wk.sum(-1)                                                # ∂/∂H = Σ_i Q
-            Wk.mul_(H4)                                                     # Q H = ∂/∂(ΔA)
-            gA += (Wk * dT[:, :, None, s:e]).sum((0, 3))
-            gdT[..., s:e] = Wk.mul_(A3).sum(2)
-            gCT[..., s:e] = Ek.mul_(H4).mul_(g4).sum(1)                     # Σ_d gy Ā H
-        s_bc = (BT * CT).sum(1, keepdim=True)                               # B_i·C_i (B, 1, L)
-        t = (gT * dT * xT).sum(1, keepdim=True)                             # ∂/∂(B_i·C_i)
-        gdT += gT * xT * s_bc
-        gCT += BT * t
-        return ((gT * dT * s_bc).transpose(1, 2), gdT.transpose(1, 2), gA, (CT * t).transpose(1, 2),
-                gCT.transpose(1, 2), gH, None)
-
 # %% ../nbs/20_oufr.ipynb #d5caebcf
+def _spatial_ssm_kernel(x, delta, A, B, C, H, D=None, chunk=65536):
+    y = spatial_scan(x, delta, A, B, C, H, block_tokens(x, A))             # tokens innermost, block by block
+    return y if D is None else y + D * x
+
+@accelerated(_spatial_ssm_kernel)
 def spatial_ssm(x:Tensor,     # (B, L, d) token inputs x_i
                 delta:Tensor, # (B, L, d) positive steps Δ_i
                 A:Tensor,     # (d, n) negative state matrix
@@ -96,8 +46,8 @@ def spatial_ssm(x:Tensor,     # (B, L, d) token inputs x_i
         y = (dA * H.unsqueeze(1)) @ C.unsqueeze(-1)                  # C_i Ā_i H: (B, l, d, 1)
         return y.squeeze(-1) + delta * x * (B * C).sum(-1, keepdim=True)   # + C_i B̄_i x_i: (B, l, d)
     L = x.shape[1]
-    if on_fast_path(x) and all(on_fast_path(t) for t in (delta, A, B, C, H)):
-        y = _SpatialSSM.apply(x, delta, A, B, C, H, _block_tokens(x, A))
+    if torch.is_grad_enabled() and x.requires_grad:                  # recompute in backward: saves only the inputs
+        y = checkpoint(part, x, delta, B, C, use_reentrant=False)
     elif torch.is_grad_enabled() or L <= chunk: y = part(x, delta, B, C)
     else: y = torch.cat([part(x[:, s:s+chunk], delta[:, s:s+chunk], B[:, s:s+chunk], C[:, s:s+chunk])
                          for s in range(0, L, chunk)], 1)
@@ -154,9 +104,7 @@ class SpatialMambaLayer(nn.Module):
         delta = F.softplus(self.dt_proj(dt))                         # Δ: (B, L, d)
         A = -torch.exp(self.A_log.float())                           # (d, n)
         H = x.new_zeros(bsz, self.d_inner, self.d_state) if h is None else self.inject(h)   # H_j: (B, d, n)
-        if torch.is_grad_enabled() and x.requires_grad and not on_fast_path(x):   # recompute in backward: saves only the inputs
-            y = checkpoint(spatial_ssm, x, delta, A, Bm, Cm, H, self.D, use_reentrant=False)
-        else: y = spatial_ssm(x, delta, A, Bm, Cm, H, self.D)        # (B, L, d)
+        y = spatial_ssm(x, delta, A, Bm, Cm, H, self.D)              # (B, L, d)
         return f + self.out_proj(y * F.silu(z))                     # (B, L, M)
 
 # %% ../nbs/20_oufr.ipynb #fde3438a

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from .layers import on_fast_path
+from .cpu.conv import causal_conv1d
 
 # %% ../nbs/05_ssm.ipynb #c314bb1d
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -479,11 +479,7 @@ class MambaBlock(nn.Module):
         L = x.shape[1]
         xz = rearrange(self.in_proj(x), "b l e -> b e l")                       # (B, 2 d_inner, L), or (B, d_inner, L)
         xs, z = (xz, None) if self.state_only else xz.chunk(2, dim=1)           # (B, d_inner, L) each
-        if on_fast_path(xs):                                                    # channels innermost here: the same
-            w, d = self.conv1d.weight, self.d_conv                              # convolution in 2D on that layout
-            xs = F.conv2d(xs.unsqueeze(2).contiguous(memory_format=torch.channels_last), w.unsqueeze(2),
-                          self.conv1d.bias, padding=(0, d - 1), groups=self.d_inner)[:, :, 0, :L]   # (oneDNN's kernel)
-        else: xs = self.conv1d(xs)[..., :L]
+        xs = causal_conv1d(xs, self.conv1d)                                    # (B, d_inner, L)
         xs = F.silu(xs)                                                         # causal conv (B, d_inner, L)
         dbc = self.x_proj(rearrange(xs, "b d l -> b l d"))                      # (B, L, dt_rank + 2N), or + N
         A = -torch.exp(self.A_log.float())                                      # (d_inner, N)

@@ -27,7 +27,7 @@ from .runlog import RunLog
 from .recipe import physical_ranges  # noqa: F401  (public import paths: these lived here before)
 from .pool import builtin_grid  # noqa: F401
 from .device import resolve_device
-from .cli import Parser, UserError, one_line, run, user_input
+from .cli import Parser, UserError, cpu_kernels_flag, one_line, run, user_input
 
 
 # %% auto #0
@@ -661,6 +661,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its pool/ is kept and reused)")
     p.add_argument("--init", type=Path, default=None, help="start from the weights of this checkpoint (fine-tuning)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    cpu_kernels_flag(p)
     p.add_argument("--pool-dir", type=Path, default=None, help="cache of the data pool (default OUT/pool); share it between runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no messages but errors")
     p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE", help="change a UniFuseConfig field, e.g. --cfg dapl=C")

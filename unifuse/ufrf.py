@@ -14,63 +14,33 @@ from torch import Tensor
 from einops import rearrange
 from .config import UniFuseConfig
 from .blocks import ChannelNorm, PromptMLP, ConvFFN
-from .layers import Conv3d, add_, bmm, conv3d, conv3d_cat, gram, mix_channels, on_fast_path, to_cl
+from .cpu.switch import accelerated, add_
+from .cpu.conv import Conv3d, conv3d, conv3d_cat
+from .cpu.fused import channel_attention_cl
 from .colour import rgb_to_ycbcr, ycbcr_to_rgb, luma
 
 # %% auto #0
-__all__ = ['BaseNet', 'LoRANet', 'LoRABranches', 'ALSN', 'UFRF', 'ssim3d', 'fusion_losses']
-
-# %% ../nbs/40_ufrf.ipynb #bd288e59
-def _mixing_matrix(G:Tensor, # Gram matrix of [q, k] over the voxels (B, 2c, 2c)
-                   m:Tensor, temperature:Tensor, heads:int) -> Tensor: # block-diagonal M ⊙ attention (B, c, c)
-    "M ⊙ softmax(q̂ k̂ᵀ τ) per head from [q, k]ᵀ[q, k]: its diagonal holds the squared norms F.normalize divides by."
-    B, c = G.shape[0], G.shape[1] // 2
-    e = c // heads
-    norm = G.diagonal(dim1=1, dim2=2).clamp_min(1e-24).sqrt()               # max(‖q_i‖, 1e-12), max(‖k_j‖, 1e-12)
-    S = G[:, :c, c:] / (norm[:, :c, None] * norm[:, None, c:])              # q̂_i · k̂_j (B, c, c)
-    S = S.view(B, heads, e, heads, e).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)   # per head (B, h, e, e)
-    Mh = m * (S * temperature).softmax(-1)                                  # M ⊙ attention (B, h, e, e)
-    eye = torch.eye(heads, dtype=Mh.dtype, device=Mh.device)
-    return torch.einsum("bhij,hk->bhikj", Mh, eye).reshape(B, c, c)         # block-diagonal (B, c, c)
-
-class _ChannelAttention(torch.autograd.Function):
-    "V'ᵀ = v Mᵀ from the voxel rows of q, k, v (B, N, c) each; the long sums over voxels as `gram`s."
-    @staticmethod
-    def forward(ctx, q, k, v, m, temperature, heads):
-        qq, qk, kk = gram(q, q), gram(q, k), gram(k, k)                     # (B, c, c) each
-        G = torch.cat([torch.cat([qq, qk], 2), torch.cat([qk.transpose(1, 2), kk], 2)], 1)   # [q, k]ᵀ[q, k]
-        Mbd = _mixing_matrix(G, m, temperature, heads)
-        ctx.save_for_backward(q, k, v, G, m, temperature, Mbd)
-        ctx.heads = heads
-        return bmm(v, Mbd.transpose(1, 2))                                 # (B, N, c)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        q, k, v, G, m, temperature, Mbd = ctx.saved_tensors
-        c, g = q.shape[-1], g.contiguous()
-        gM = gram(g, v)                                                     # ∂/∂Mbd = gᵀ v (B, c, c)
-        with torch.enable_grad():                                           # the small (c × c) part by autograd
-            small = [x.detach().requires_grad_() for x in (G, m, temperature)]
-            gG, gm, gtau = torch.autograd.grad(_mixing_matrix(*small, ctx.heads), small, gM)
-        S = gG + gG.transpose(1, 2)                                         # ∂/∂[q, k] = [q, k] S
-        gq = bmm(k, S[:, c:, :c], bmm(q, S[:, :c, :c]))
-        gk = bmm(k, S[:, c:, c:], bmm(q, S[:, :c, c:]))
-        return gq, gk, bmm(g, Mbd), gm, gtau, None
+__all__ = ['channel_attention', 'pw_dw', 'BaseNet', 'LoRANet', 'LoRABranches', 'ALSN', 'UFRF', 'ssim3d', 'fusion_losses']
 
 # %% ../nbs/40_ufrf.ipynb #7919dc03
-def _channel_attention_cl(q:Tensor, k:Tensor, v:Tensor, # (B, c, D, H, W) each, channels-last
-                          heads:int, temperature:Tensor, # (heads, 1, 1)
-                          m:Tensor, # the modulation Resh(MLP(·)) (B, heads, e, e)
-                         ) -> Tensor: # V' = (M ⊙ softmax(q̂ k̂ᵀ τ)) v (B, c, D, H, W), channels-last
-    "Eq. 9 read straight from channels-last volumes: q·k and the norms from one Gram matrix of [q, k] over the voxels."
+@accelerated(channel_attention_cl)
+def channel_attention(q:Tensor, k:Tensor, v:Tensor, # (B, c, D, H, W) each
+                      m:Tensor, # the modulation Resh(MLP(·)) (B, heads, e, e)
+                      temperature:Tensor, # τ (heads, 1, 1)
+                      heads:int,
+                     ) -> Tensor: # V' = (M ⊙ softmax(q̂ k̂ᵀ τ)) v (B, c, D, H, W)
+    "Eq. 9: attention between channels (an e × e map per head), modulated element-wise by M, applied to V."
     B, c, D, H, W = q.shape
-    rows = lambda t: to_cl(t).permute(0, 2, 3, 4, 1).reshape(B, D * H * W, c)   # (B, N, c): views, no copy
-    out = _ChannelAttention.apply(rows(q), rows(k), rows(v), m, temperature, heads)
-    return out.view(B, D, H, W, c).permute(0, 4, 1, 2, 3)                   # (B, c, D, H, W), channels-last
+    q, k, v = (rearrange(t, "b (h e) d y x -> b h e (d y x)", h=heads) for t in (q, k, v))  # (B, h, e, N)
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    attn = (q @ k.transpose(-2, -1) * temperature).softmax(-1)              # (B, h, e, e)
+    vv = (m * attn) @ v                                                     # V' = M ⊗ V (B, h, e, N)
+    return rearrange(vv, "b h e (d y x) -> b (h e) d y x", d=D, y=H, x=W)    # (B, c, D, H, W)
 
-def _pw_dw(x:Tensor, pw:nn.Conv3d, dw:nn.Conv3d, lo:int, hi:int) -> Tensor:
-    "Channels lo:hi of dw(pw(x)) alone (weights sliced): a pointwise then a depthwise 3×3×3 convolution."
+def pw_dw(x:Tensor, pw:nn.Conv3d, dw:nn.Conv3d, # a pointwise convolution, then a depthwise 3×3×3 one
+          lo:int, hi:int, # the output channels wanted
+         ) -> Tensor: # channels lo:hi of dw(pw(x)) (B, hi − lo, D, H, W)
+    "Channels lo:hi of dw(pw(x)) alone, from slices of the weights: Q, K and V (or Eq. 10's two halves) as volumes of their own."
     y = conv3d(x, pw.weight[lo:hi], pw.bias[lo:hi])
     return conv3d(y, dw.weight[lo:hi], dw.bias[lo:hi], padding=1, groups=hi - lo)
 
@@ -100,23 +70,11 @@ class BaseNet(nn.Module):
                ) -> Tensor: # F̃_i^B (B, c, D, H, W)
         B, c, D, H, W = x.shape
         m = 1 + self.mod(g).view(B, self.heads, c // self.heads, c // self.heads)  # Resh(MLP(·)) (B, h, e, e)
-        if on_fast_path(x): return self._forward_cl(x, m)                   # the same, laid out for the CPU (appendix)
-        q, k, v = self.qkv_dw(self.qkv(x)).chunk(3, 1)                      # (B, c, D, H, W) each
-        q, k, v = (rearrange(t, "b (h e) d y x -> b h e (d y x)", h=self.heads) for t in (q, k, v))  # (B, h, e, N)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(-1)    # (B, h, e, e)
-        vv = (m * attn) @ v                                                 # V' = M ⊗ V (B, h, e, N)
-        vv = rearrange(vv, "b h e (d y x) -> b (h e) d y x", d=D, y=H, x=W)  # (B, c, D, H, W)
-        a, b = self.ffn_dw(self.ffn_in(vv)).chunk(2, 1)                     # Conv(V'), Conv(V') (B, h, D, H, W)
+        h = self.ffn_out.in_channels
+        q, k, v = (pw_dw(x, self.qkv, self.qkv_dw, i * c, (i + 1) * c) for i in range(3))   # Conv(F̃_i): (B, c, D, H, W) each
+        vv = channel_attention(q, k, v, m, self.temperature, self.heads)    # V' (B, c, D, H, W)
+        a, b = (pw_dw(vv, self.ffn_in, self.ffn_dw, i * h, (i + 1) * h) for i in range(2))   # Conv(V'), Conv(V') (B, h, …)
         return self.ffn_out(a * F.gelu(b))                                  # Eq. 10
-
-    def _forward_cl(self, x:Tensor, m:Tensor) -> Tensor:
-        "`forward` on the CPU fast path: Q, K, V and the two halves of Eq. 10 as separate volumes of c (h) channels."
-        c, h = x.shape[1], self.ffn_out.in_channels
-        q, k, v = (_pw_dw(x, self.qkv, self.qkv_dw, i * c, (i + 1) * c) for i in range(3))
-        vv = _channel_attention_cl(q, k, v, self.heads, self.temperature, m)
-        a, b = (_pw_dw(vv, self.ffn_in, self.ffn_dw, i * h, (i + 1) * h) for i in range(2))
-        return self.ffn_out(a * F.gelu(b))
 
 # %% ../nbs/40_ufrf.ipynb #37d16060
 class LoRANet(nn.Module):
@@ -154,9 +112,9 @@ class LoRABranches(nn.Module):
                 p:Tensor, # (B, Ñ) branch weights
                ) -> Tensor: # Σ_j p_j R_j(x) (B, c, D, H, W)
         w = (1 + self.scale(g)) * p.repeat_interleave(self.rank, 1)          # (B, Ñ·r): s_j ⊙ p_j
-        if on_fast_path(x) and x.shape[1] <= 2 * w.shape[1]:                # CPU, few channels: A diag(w) B as one
+        if x.shape[1] <= 2 * w.shape[1]:                                    # few channels: A diag(w) B as one
             M = (self.up.weight.flatten(1) * w[:, None, :]) @ self.down.weight.flatten(1)   # c × c matrix per sample
-            return mix_channels(x, M)                                       # (B, c, c) applied at every voxel
+            return torch.einsum("boc,bcdhw->bodhw", M, x)                   # (B, c, c) applied at every voxel
         return self.up(self.down(x) * w[..., None, None, None])
     def branch(self, j:int, x:Tensor, g:Tensor) -> Tensor:
         "Branch j alone, R_j(x) = A_j (s_j ⊙ B_j x): what `forward` sums."

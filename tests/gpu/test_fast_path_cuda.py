@@ -5,7 +5,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from unifuse.layers import on_fast_path  # noqa: E402
+from unifuse.cpu.switch import applies as on_fast_path  # noqa: E402
 from unifuse.model import UniFuse, UniFuseConfig  # noqa: E402
 from unifuse.degrade import make_batch  # noqa: E402
 from unifuse.data import builtin_pair  # noqa: E402
