@@ -18,6 +18,8 @@ from torch import Tensor
 
 from .spatial import _const, affine_flow, compose, identity_grid, integrate, resize_flow, rotation_matrix, warp
 from .colour import colourise, as_colour
+from .cpu.switch import accelerated
+from .cpu.fused import sampled_sums_kernel
 
 __all__ = ["CLASSES", "TASKS", "Ranges", "DEFAULT_RANGES", "motion", "radon", "fbp", "metal", "lowdose",
            "degrade", "random_svf", "misalignment", "make_batch"]
@@ -179,6 +181,22 @@ def _backproj_grid(N, n_views, device, dtype):
     vn = (torch.arange(n_views, dtype=torch.float64) * (2.0 / max(n_views - 1, 1)) - 1)[:, None, None].expand_as(tn)
     return torch.stack([tn, vn], -1).reshape(1, n_views * N, N, 2).to(device=device, dtype=dtype)
 
+@functools.lru_cache(maxsize=8)
+def _backproj_pixels(N, n_views, device, dtype):
+    "`_backproj_grid` with the views last: (1, N·N, V, 2), one row of V samples per output pixel."
+    g = _backproj_grid(N, n_views, device, dtype)[0].reshape(n_views, N, N, 2)
+    return g.permute(1, 2, 0, 3).reshape(1, N * N, n_views, 2).contiguous()
+
+@accelerated(sampled_sums_kernel)
+def _sampled_sums(img:Tensor, # (C, H, W) slices
+                  grid:Tensor, # (1, R, K, 2) normalised positions (align_corners=True)
+                 ) -> Tensor: # (C, R): Σ_k of the bilinear sample of each slice at grid[0, r, k]
+    "Bilinear samples summed along each row of the grid: what projection and back-projection are made of."
+    C, K = img.shape[0], grid.shape[2]
+    rows = max(1, _CHUNK_ELEMS // (C * K))                               # grid rows per grid_sample call
+    return torch.cat([F.grid_sample(img[None], grid[:, r0:r0 + rows], mode="bilinear", padding_mode="zeros",
+                                    align_corners=True)[0].sum(-1) for r0 in range(0, grid.shape[1], rows)], 1)
+
 # %% ../nbs/02_degrade.ipynb #6b57e2bb
 def _check_slices(img, name):
     if not isinstance(img, Tensor) or img.ndim != 3 or img.shape[-1] != img.shape[-2] or img.shape[-1] < 2:
@@ -191,14 +209,7 @@ def radon(
     "Parallel-beam projection of a stack of slices (scikit-image `radon` geometry, circle=True)."
     _check_slices(img, "img")
     S, N, _ = img.shape
-    grid = _radon_grid(N, n_views, img.device, img.dtype)  # (1, V*N_det, N_ray, 2)
-    chunk = max(1, _CHUNK_ELEMS // (S * N * N))  # views per call
-    out = []
-    for v0 in range(0, n_views, chunk):
-        g = grid[:, v0 * N:(v0 + chunk) * N]  # (1, v*N_det, N_ray, 2)
-        samples = F.grid_sample(img[None], g, mode="bilinear", padding_mode="zeros", align_corners=True)  # (1, S, v*N_det, N_ray)
-        out.append(samples[0].sum(-1).view(S, -1, N))  # (S, v, N_det)
-    return torch.cat(out, 1)  # (S, V, N_det)
+    return _sampled_sums(img, _radon_grid(N, n_views, img.device, img.dtype)).view(S, n_views, N)  # (S, V, N_det)
 
 # %% ../nbs/02_degrade.ipynb #b4d97975
 @functools.lru_cache(maxsize=8)
@@ -228,13 +239,7 @@ def fbp(
     S, V, N = sino.shape
     P, H = _fbp_filter(N, filter, sino.device, sino.dtype)
     q = torch.fft.irfft(torch.fft.rfft(sino, n=P, dim=-1) * H, n=P, dim=-1)[..., :N]  # (S, V, N) filtered
-    grid = _backproj_grid(N, V, sino.device, sino.dtype)  # (1, V*N, N, 2)
-    chunk = max(1, _CHUNK_ELEMS // (S * N * N))
-    out = torch.zeros(S, N, N, device=sino.device, dtype=sino.dtype)
-    for v0 in range(0, V, chunk):
-        part = F.grid_sample(q[None], grid[:, v0 * N:(v0 + chunk) * N], mode="bilinear", padding_mode="zeros",
-                             align_corners=True)  # (1, S, v*N, N): view rows are hit exactly
-        out = out + part[0].view(S, -1, N, N).sum(1)  # (S, N, N)
+    out = _sampled_sums(q, _backproj_pixels(N, V, sino.device, sino.dtype)).view(S, N, N)   # Σ over the views
     return out * (math.pi / (2 * V))
 
 # %% ../nbs/02_degrade.ipynb #912784f7

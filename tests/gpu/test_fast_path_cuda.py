@@ -1,11 +1,11 @@
-"On CUDA the CPU fast path is off (plain PyTorch and cuDNN); the model there computes what the CPU fast path computes."
+"On CUDA the CPU kernels are off (plain PyTorch and cuDNN); the model there computes what the CPU kernels compute."
 import copy
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from unifuse.cpu.switch import applies as on_fast_path  # noqa: E402
+from unifuse.cpu.switch import applies  # noqa: E402
 from unifuse.model import UniFuse, UniFuseConfig  # noqa: E402
 from unifuse.degrade import make_batch  # noqa: E402
 from unifuse.data import builtin_pair  # noqa: E402
@@ -22,7 +22,7 @@ def no_tf32():
 
 @pytest.mark.parametrize("preset", ["tiny", "paper"])
 def test_cuda_matches_cpu_fast_path(preset):
-    assert not on_fast_path(torch.zeros(1, device="cuda"))
+    assert not applies(torch.zeros(1, device="cuda"))
     torch.manual_seed(0)
     cpu = UniFuse(UniFuseConfig.tiny() if preset == "tiny" else UniFuseConfig())
     with torch.no_grad():

@@ -6,6 +6,7 @@ Docs: https://unifuse.github.io/unifuse/cpu_fused.html.md"""
 
 # %% ../../nbs/04b_cpu_fused.ipynb #874e6ca4
 from __future__ import annotations
+import warnings, weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,7 +16,7 @@ from .conv import bmm, gram
 
 # %% auto #0
 __all__ = ['mixing_matrix', 'channel_attention_rows', 'channel_attention_cl', 'block_tokens', 'spatial_scan',
-           'cost_volume_blocks']
+           'cost_volume_blocks', 'sampling_matrix', 'sampled_sums_kernel']
 
 # %% ../../nbs/04b_cpu_fused.ipynb #250d7c40
 def mixing_matrix(G:Tensor, # Gram matrix of [q, k] over the voxels (B, 2c, 2c)
@@ -185,3 +186,40 @@ def _(a, b, offs, radius, block=4): return a.new_empty(a.shape[0], offs.shape[0]
 def _cost_volume_flops(*args, out_shape=None, **kwargs) -> int:
     "The reference's count: products of shifted volumes, which FlopCounterMode does not count (it counts matrix products)."
     return 0
+
+# %% ../../nbs/04b_cpu_fused.ipynb #936df26e
+_SAMPLING = {}                                                              # id of a grid tensor → (weak reference, matrix)
+
+def sampling_matrix(grid:Tensor, # (1, R, K, 2) sampling positions, normalised as F.grid_sample takes them
+                    H:int, W:int, # the size of the sampled image
+                   ) -> Tensor: # sparse CSR (R, H·W): row r holds the bilinear weights of the K samples of grid[0, r]
+    "grid_sample's bilinear weights (align_corners=True, zero padding) summed per row of the grid, as a sparse matrix."
+    g = grid[0].double()
+    R, K = g.shape[:2]
+    ix, iy = (g[..., 0] + 1) / 2 * (W - 1), (g[..., 1] + 1) / 2 * (H - 1)  # pixel coordinates
+    x0, y0, r = ix.floor(), iy.floor(), torch.arange(R).view(R, 1).expand(R, K)
+    rows, cols, vals = [], [], []
+    for dx in (0, 1):
+        for dy in (0, 1):                                                   # the four neighbours
+            xi, yi = x0 + dx, y0 + dy
+            w = (1 - (ix - xi).abs()) * (1 - (iy - yi).abs())
+            ok = (xi >= 0) & (xi <= W - 1) & (yi >= 0) & (yi <= H - 1) & (w != 0)
+            rows.append(r[ok]); cols.append((yi * W + xi)[ok].long()); vals.append(w[ok])
+    M = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), (R, H * W),
+                                check_invariants=True).coalesce()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                     # torch's note that sparse CSR is in beta
+        return M.to(grid.dtype).to_sparse_csr()
+
+def sampled_sums_kernel(img:Tensor, # (C, H, W) slices
+                        grid:Tensor, # (1, R, K, 2), kept alive by its owner (the matrix is cached per grid)
+                       ) -> Tensor: # (C, R): Σ_k bilinear sample of each slice at grid[0, r, k]
+    "The sums of bilinear samples along each grid row, as one sparse matrix product for all slices."
+    key = (id(grid), img.shape[1], img.shape[2])
+    hit = _SAMPLING.get(key)
+    if hit is None or hit[0]() is not grid:                                 # built once per grid, dropped with it
+        hit = _SAMPLING[key] = (weakref.ref(grid), sampling_matrix(grid, img.shape[1], img.shape[2]))
+        weakref.finalize(grid, _SAMPLING.pop, key, None)
+    M = hit[1]
+    C, H, W = img.shape
+    return (M @ img.reshape(C, H * W).T).T
