@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _triple
 from torch.utils import flop_counter as fc
-from .switch import CL, accelerated, add_, applies, to_cl
+from .switch import CL, accelerated, add_, applies, custom_op, flop_formula, to_cl
 
 # %% auto #0
 __all__ = ['gram', 'bmm', 'weight_grad_2d', 'depthwise_conv', 'conv3d', 'Conv3d', 'conv3d_cat', 'causal_conv1d']
@@ -76,7 +76,7 @@ def weight_grad_2d(g:Tensor, x:Tensor, w:Tensor, groups:int) -> Tensor:
         gw[:, :, a] = ga
     return gw
 
-@torch.library.custom_op("unifuse::depthwise_conv", mutates_args=())
+@custom_op("unifuse::depthwise_conv")
 def depthwise_conv(x:Tensor, # (B, C, D, H, W)
                    w:Tensor, # (C, 1, k, k, k), odd sides
                    b:Tensor|None, # (C,)
@@ -105,7 +105,7 @@ def _depthwise_backward(ctx, g):
 depthwise_conv.register_autograd(_depthwise_backward, setup_context=_depthwise_setup)
 
 # %% ../../nbs/04a_cpu_conv.ipynb #e7393138
-@fc.register_flop_formula(torch.ops.unifuse.depthwise_conv)
+@flop_formula(torch.ops.unifuse.depthwise_conv)
 def _conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return fc.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 

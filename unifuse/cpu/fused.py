@@ -10,8 +10,7 @@ import warnings, weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils import flop_counter as fc
-from .switch import to_cl
+from .switch import custom_op, flop_formula, to_cl
 from .conv import bmm, gram
 
 # %% auto #0
@@ -38,7 +37,7 @@ def _qk_gram(q, k):
     qq, qk, kk = gram(q, q), gram(q, k), gram(k, k)                         # (B, c, c) each
     return torch.cat([torch.cat([qq, qk], 2), torch.cat([qk.transpose(1, 2), kk], 2)], 1)   # [q, k]ᵀ[q, k]
 
-@torch.library.custom_op("unifuse::channel_attention", mutates_args=())
+@custom_op("unifuse::channel_attention")
 def channel_attention_rows(q:Tensor, k:Tensor, v:Tensor, # voxel rows (B, N, c) each
                            m:Tensor, # (B, heads, e, e)
                            temperature:Tensor, # (heads, 1, 1)
@@ -68,7 +67,7 @@ def _attention_backward(ctx, g):
 
 channel_attention_rows.register_autograd(_attention_backward, setup_context=_attention_setup)
 
-@fc.register_flop_formula(torch.ops.unifuse.channel_attention)
+@flop_formula(torch.ops.unifuse.channel_attention)
 def _attention_flops(q_shape, k_shape, v_shape, m_shape, *args, out_shape=None, **kwargs) -> int:
     "The reference's count (q̂ k̂ᵀ and the product with v per head: 4·B·N·c·e), not the Gram matrices' larger one."
     B, N, c = q_shape
@@ -94,7 +93,7 @@ def _decay_block(deltaT, A2, out):
     torch.mul(deltaT[:, :, None], A2, out=out)
     return out.clamp_(min=-126.0).exp2_()
 
-@torch.library.custom_op("unifuse::spatial_scan", mutates_args=())
+@custom_op("unifuse::spatial_scan")
 def spatial_scan(x:Tensor, delta:Tensor, # (B, L, d) token inputs and steps Δ
                  A:Tensor, # (d, n)
                  B:Tensor, C:Tensor, # (B, L, n)
@@ -151,13 +150,13 @@ def _scan_backward(ctx, gy):
 
 spatial_scan.register_autograd(_scan_backward, setup_context=_scan_setup)
 
-@fc.register_flop_formula(torch.ops.unifuse.spatial_scan)
+@flop_formula(torch.ops.unifuse.spatial_scan)
 def _scan_flops(x_shape, delta_shape, A_shape, *args, out_shape=None, **kwargs) -> int:
     "The reference's count: its one matrix product, (exp(ΔA) ⊙ H) C, 2·B·L·d·n."
     return 2 * x_shape[0] * x_shape[1] * A_shape[0] * A_shape[1]
 
 # %% ../../nbs/04b_cpu_fused.ipynb #4919a13e
-@torch.library.custom_op("unifuse::cost_volume", mutates_args=())
+@custom_op("unifuse::cost_volume")
 def cost_volume_blocks(a:Tensor, # (B, C, d, h, w), unit vectors: what looks
                        b:Tensor, # (B, C, d, h, w), unit vectors: where it looks (edges replicated)
                        offs:Tensor, # (K, 3) integer offsets, each within ±radius
@@ -182,7 +181,7 @@ def cost_volume_blocks(a:Tensor, # (B, C, d, h, w), unit vectors: what looks
 @cost_volume_blocks.register_fake
 def _(a, b, offs, radius, block=4): return a.new_empty(a.shape[0], offs.shape[0], *a.shape[2:])
 
-@fc.register_flop_formula(torch.ops.unifuse.cost_volume)
+@flop_formula(torch.ops.unifuse.cost_volume)
 def _cost_volume_flops(*args, out_shape=None, **kwargs) -> int:
     "The reference's count: products of shifted volumes, which FlopCounterMode does not count (it counts matrix products)."
     return 0

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['ENV', 'CL', 'kernels_on', 'set_kernels', 'use_kernels', 'applies', 'to_cl', 'add_', 'accelerated']
+__all__ = ['ENV', 'CL', 'kernels_on', 'set_kernels', 'use_kernels', 'applies', 'to_cl', 'add_', 'accelerated', 'custom_op',
+           'flop_formula']
 
 # %% ../../nbs/04_cpu.ipynb #d3a15b78
 ENV = "UNIFUSE_CPU_KERNELS"
@@ -64,4 +65,23 @@ def accelerated(kernel):
             return (kernel if applies(*ts) else reference)(*args, **kwargs)
         run.reference, run.kernel = reference, kernel
         return run
+    return wrap
+
+_OPS = {}                                                                   # name → the op, defined once per process
+
+def custom_op(name:str, # "unifuse::…"
+              mutates_args=(), # as torch.library.custom_op
+             ):
+    "`torch.library.custom_op`, once per process: a second definition of the name (a notebook running its module's cells beside the imported module) returns the first, since two definitions would unregister the op when either is freed."
+    def wrap(fn):
+        if name not in _OPS: _OPS[name] = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        return _OPS[name]
+    return wrap
+
+def flop_formula(op):
+    "Register `FlopCounterMode`'s formula for one of these ops, once per process."
+    from torch.utils import flop_counter as fc
+    def wrap(fn):
+        if op not in fc.flop_registry: fc.register_flop_formula(op)(fn)
+        return fn
     return wrap
