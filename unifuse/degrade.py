@@ -209,7 +209,11 @@ def radon(
     "Parallel-beam projection of a stack of slices (scikit-image `radon` geometry, circle=True)."
     _check_slices(img, "img")
     S, N, _ = img.shape
-    return _sampled_sums(img, _radon_grid(N, n_views, img.device, img.dtype)).view(S, n_views, N)  # (S, V, N_det)
+    grid = _radon_grid(N, n_views, img.device, img.dtype)                   # (1, V·N_det, N_ray, 2)
+    # always grid_sample's sums (the reference), bit for bit as they were: the Poisson noise drawn from a sinogram
+    # consumes a value-dependent number of random draws, so sums that differ in the last bit would change every
+    # later random draw of the sample (its motion too), and the same seed would give other pairs with the CPU kernels on
+    return _sampled_sums.reference(img, grid).view(S, n_views, N)           # (S, V, N_det)
 
 # %% ../nbs/02_degrade.ipynb #b4d97975
 @functools.lru_cache(maxsize=8)
