@@ -476,7 +476,6 @@ class MambaBlock(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MambaBlock: `x` should be (batch, seqlen, d_model={self.d_model}), "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
-        L = x.shape[1]
         xz = rearrange(self.in_proj(x), "b l e -> b e l")                       # (B, 2 d_inner, L), or (B, d_inner, L)
         xs, z = (xz, None) if self.state_only else xz.chunk(2, dim=1)           # (B, d_inner, L) each
         xs = causal_conv1d(xs, self.conv1d)                                    # (B, d_inner, L)

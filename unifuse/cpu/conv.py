@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _triple
 from torch.utils import flop_counter as fc
-from .switch import CL, accelerated, add_, applies, custom_op, flop_formula, to_cl
+from .switch import CL, accelerated, add_, custom_op, flop_formula, to_cl
 
 # %% auto #0
 __all__ = ['gram', 'bmm', 'weight_grad_2d', 'depthwise_conv', 'conv3d', 'Conv3d', 'conv3d_cat', 'causal_conv1d']
