@@ -6,9 +6,11 @@
 Cells flagged with a test flag (`#| slow`, `#| cuda`) are skipped and keep their recorded outputs unless
 `--flags` names the flag; every other cell runs in order in one fresh kernel started in `nbs/`. A failing
 cell stops the run and leaves the notebook file untouched. Afterwards run `.venv/bin/nbdev-clean`.
-Record timings only on an idle machine.
+Record timings only on an idle machine. The kernel draws with the inline backend whatever `MPLBACKEND` says
+(scripts/test.sh sets Agg, under which `plt.show()` records nothing), and a run in which a cell that draws a
+figure (`plt.show()`, or a Figure as its value) records no picture fails.
 """
-import argparse, re, sys, time
+import argparse, os, re, sys, time
 from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
@@ -30,7 +32,8 @@ def run(path:Path, flags:set, timeout:int, known=("slow", "cuda")) -> float:
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     t0 = time.time()
-    with client.setup_kernel():
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    with client.setup_kernel(env=env):
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != "code": continue
             skip = (flags_of(cell) & set(known)) - flags
@@ -40,6 +43,11 @@ def run(path:Path, flags:set, timeout:int, known=("slow", "cuda")) -> float:
             dt = time.time() - t
             if dt > 5: print(f"  {path.name} cell {i}: {dt:.1f} s", file=sys.stderr)
     drop_dead_widget_views(nb)
+    blank = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and not (flags_of(c) & set(known)) - flags
+             and not any("image/png" in o.get("data", {}) for o in c.outputs)
+             and ("plt.show()" in c.source or any(o.get("data", {}).get("text/plain", "").startswith("<Figure size")
+                                                  for o in c.outputs))]
+    if blank: raise SystemExit(f"{path}: cells {blank} draw a figure but recorded no picture; notebook left as it was")
     nbformat.write(nb, path)
     return time.time() - t0
 

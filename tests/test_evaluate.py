@@ -113,6 +113,22 @@ def test_cli_with_a_tiny_random_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_crop_and_prealign_rows(tmp_path):
+    from unifuse.model import UniFuse, UniFuseConfig
+    torch.manual_seed(0)
+    ck = UniFuse(UniFuseConfig.tiny()).save(tmp_path / "tiny.pt")
+    cases = list(E.builtin_cases(("mri",), n=1, size=48, crop=24))
+    assert cases[0]["ref"].shape[2:] == (24, 24, 24) and cases[0]["labels"].shape[-3:] == (24, 24, 24)
+    out = tmp_path / "out"
+    assert E.main(["--checkpoint", str(ck), "--no-baseline", "--tasks", "mri", "--n", "1", "--size", "48", "--crop", "24",
+                   "--prealign", "rigid", "--out", str(out), "--quiet"]) == 0
+    rows = _check_outputs(out, ["UniFuse", "Rigid + UniFuse"], n_cases=1)
+    assert json.loads((out / "summary.json").read_text())["meta"]["crop"] == 24
+    assert E.main(["--crop", "24", "--dataset", "csv", "--root", str(ck)]) == 2        # built-in heads only
+    assert E.main(["--prealign", "rigid"]) == 2                                       # needs a checkpoint
+
+
+@pytest.mark.slow
 def test_cli_with_a_reader(tmp_path):
     from fakes import fake_tree
     root = fake_tree(tmp_path / "brats", "brats2020", n=4, size=24)

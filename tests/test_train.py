@@ -96,6 +96,18 @@ def test_tasks_are_balanced_and_the_plan_is_a_function_of_the_step(pool_dir):
     assert halves[0] + halves[1] == plan and halves[0] != halves[1]      # two processes draw different data
 
 
+def test_crop_centres_lie_inside_the_box_ellipsoid():
+    box = [[10, 50], [20, 40], [0, 30]]                                  # a head's bounding box, voxels
+    slots = [(("mri", "ct", "pet"), False, box, None)]
+    inside = lambda c: sum(((x - (lo + hi - 1) / 2) / ((hi - lo - 1) / 2)) ** 2 for x, (lo, hi) in zip(c, box)) <= 1 + 1e-9
+    for rule, want in (("ellipsoid", True), ("box", False)):
+        cfg = T.TrainConfig.preset("tiny", **{**SMALL, "batch": 6, "centres": rule})
+        centres = [q["centre"] for s in range(40) for q in T.batch_plan(cfg, s, slots)]
+        assert all(lo <= x <= hi - 1 for c in centres for x, (lo, hi) in zip(c, box))
+        assert all(map(inside, centres)) == want                          # the box rule lands in the corners too
+    with pytest.raises(ValueError, match="centres"): T.TrainConfig.preset("tiny", centres="corner")
+
+
 def test_cut_crops_zooms_pads_and_skull_strips(pool_dir):
     e = T.load_entry(T.BuiltinSubjects([0], 7.0, pool_dir)[0])
     vol, lab = e["vol"], e["labels"]

@@ -119,7 +119,7 @@ def test_slice_browser_sliders_change_the_picture():
     a, b = _vol((10, 12, 14), 1), _vol((10, 12, 14), 2)
     f = torch.from_numpy(_rotation_flow((10, 12, 14), 15.0))
     br = SliceBrowser(a, b, titles=["a", "b"], cmap=["gray", "hot"], diff=(0, 1), flow=f)
-    assert br.idx == (5, 6, 7) and len(br.fig.axes) == 3 * 3
+    assert br.idx == (5, 6, 7) and len(br.fig.axes) == 3 * 3 + 1           # 3 planes × 3 columns + the difference's colour bar
     assert br.image.value == br.render()
     first = br.image.value
     br.sliders[2].value = 3                                                                 # the axial slider

@@ -210,6 +210,7 @@ def builtin_cases(tasks=("mri", "ct", "pet"), # tasks, each gets `n` cases
                   seed:int=1, # built-in seed block (training uses block 0)
                   device="cpu",
                   colour:str|None=None, # a colour map: PET cases in colour (see `make_case`)
+                  crop:int|None=None, # cut a centre cube of this side from each head (e.g. size 150, crop 64: the trained spacing)
                  ):
     "Evaluation cases from the built-in heads: a generator of `make_case` dicts."
     from unifuse.data import builtin_pair, TASKS
@@ -217,10 +218,16 @@ def builtin_cases(tasks=("mri", "ct", "pet"), # tasks, each gets `n` cases
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks: raise ValueError(f"tasks={tasks!r}: expected one or more of {tuple(TASKS)}")
     if not isinstance(n, int) or n < 1: raise ValueError(f"n={n!r}: expected at least 1 case per task")
+    if crop is not None and not (isinstance(crop, int) and 1 <= crop <= size):
+        raise ValueError(f"crop={crop!r}: expected a side in voxels between 1 and size={size}")
     for t, task in enumerate(tasks):
         for i in range(n):
             s = seed * 100_000 + 50_000 + 1000 * t + i                          # a different head per case
-            yield make_case(builtin_pair(task, seed=s, size=size), seed=s, device=device, colour=colour)
+            pair = builtin_pair(task, seed=s, size=size)
+            if crop is not None:                                                # the centre cube, on the head's grid
+                c = slice((size - crop) // 2, (size - crop) // 2 + crop)
+                pair = {**pair, "ref": pair["ref"][:, c, c, c], "other": pair["other"][:, c, c, c], "labels": pair["labels"][c, c, c]}
+            yield make_case(pair, seed=s, device=device, colour=colour)
 
 # %% ../nbs/65_evaluate.ipynb #ef619f11
 def _grey(x, shape, name="fused") -> tuple[torch.Tensor, bool]:
@@ -282,15 +289,21 @@ def baseline_methods(rules=FUSION_RULES, deformable:bool=False) -> dict:
     out.update({f"TV + {reg} + {names[r]}": staged(r) for r in rules})
     return out
 
-def unifuse_method(model, device="cpu"):
-    "A method callable running a `UniFuse` model: `model(ref, deg)['fused']` and `['flow']`."
+def unifuse_method(model, device="cpu",
+                   prealign:str="none", # "rigid": SimpleITK's rigid registration first, composed into φ (`unifuse-fuse --prealign rigid`)
+                  ):
+    "A method callable running a `UniFuse` model on the whole case: `model(ref, deg)['fused']` and `['flow']`."
     if not isinstance(model, torch.nn.Module): raise TypeError(f"model: expected a UniFuse model (torch.nn.Module), got {type(model).__name__}")
+    if prealign not in ("none", "rigid"): raise ValueError(f"prealign={prealign!r}: expected 'none' or 'rigid'")
+    from unifuse.fuse import fuse_prealigned
     model = model.to(device).eval()
     def m(case):
         ref, deg = case["ref"].to(device), case["deg"].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")                                       # the prealignment's notes
             if str(device).startswith("cuda"): torch.cuda.synchronize()
-            t0 = time.perf_counter(); out = model(ref, deg)
+            t0 = time.perf_counter()
+            out = fuse_prealigned(model, ref, deg, prealign, deg_grey=luma(deg), window=None)
             if str(device).startswith("cuda"): torch.cuda.synchronize()
             dt = time.perf_counter() - t0
         return out["fused"].float().cpu(), out["flow"].float(), dt
@@ -313,7 +326,7 @@ def evaluate(cases, # iterable of `make_case` dicts
     cases = list(cases) if not hasattr(cases, "__len__") else cases
     if not len(cases): raise ValueError("cases: expected at least one case (e.g. builtin_cases(...))")
     for case in tqdm(cases, desc="cases", disable=not progress):
-        ex = {"ref": case["ref"].cpu(), "deg": case["deg"].cpu(), "deg_label": case["deg_label"].cpu(), "fused": {}}
+        ex = {"ref": case["ref"].cpu(), "deg": case["deg"].cpu(), "deg_label": case["deg_label"].cpu(), "task": case["task"], "fused": {}}
         for name, method in methods.items():
             fused, flow, seconds = method(case)
             row = {"case": case["id"], "task": case["task"], "method": name, **score_case(case, fused, flow),
@@ -388,12 +401,16 @@ def write_csv(rows:list, path) -> Path:
 # %% ../nbs/65_evaluate.ipynb #cc24ecc1
 def montage(example:dict, title:str="", size:float=1.6):
     "A figure: I_R, I'_D, I_D and each method's fused volume (columns) in three planes (rows)."
-    from unifuse.viz import show_slices
+    from unifuse.viz import show_slices, modality_display
+    from unifuse.data import TASKS
     vols = [example["ref"], example["deg"], example["deg_label"], *example["fused"].values()]
     vols = [luma(v.reshape(1, -1, *v.shape[-3:]))[0, 0] for v in vols]         # colour volumes shown as Y for now
     titles = ["I_R (ref)", "I'_D (input)", "I_D (clean)", *example["fused"].keys()]
     titles = [t.replace("TV + ", "") for t in titles]
-    return show_slices(*[v.clamp(0, 1) for v in vols], titles=titles, size=size, suptitle=title, dpi=60)
+    mods = TASKS.get(example.get("task"), ("MRI", "MRI"))
+    shows = [modality_display(mods[0])] + [modality_display(mods[1])] * 2 + [modality_display("fused")] * len(example["fused"])
+    return show_slices(*[v.clamp(0, 1) for v in vols], titles=titles, size=size, suptitle=title, dpi=60,
+                       cmap=[d["cmap"] for d in shows], vmin=[d["vmin"] for d in shows], vmax=[d["vmax"] for d in shows])
 
 def write_montages(result:dict, out_dir, key:str="Q_ssim") -> list:
     "PNG montages of the worst and best case of each task; returns the paths."
@@ -456,7 +473,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=2, help="cases per task (built-in) or at most this many per task (reader); default 2")
     p.add_argument("--size", type=int, default=48, help=f"volume side in voxels, at least {MIN_SIZE}: built-in heads, or "
                                                          "the grid a reader resamples to (default 48)")
+    p.add_argument("--crop", type=int, default=None, help="built-in: score the centre cube of this side of each --size head "
+                   "(e.g. --size 150 --crop 64: the shipped weights' spacing, 1.49 mm, at a 64³ cost)")
     p.add_argument("--seed", type=int, default=1, help="built-in seed block for test subjects (default 1; training uses 0)")
+    p.add_argument("--prealign", default="none", choices=["none", "rigid"], help="'rigid' adds a row 'Rigid + UniFuse': the "
+                   "checkpoint after SimpleITK's rigid registration (unifuse-fuse --prealign rigid); default none")
     p.add_argument("--fusion", nargs="+", default=list(FUSION_RULES), choices=list(FUSION_RULES), help="baseline fusion rules")
     p.add_argument("--registration", default="rigid", choices=["rigid", "bspline"],
                    help="baseline registration: 'rigid' (default) or 'bspline' (rigid, then a bounded B-spline; slower, "
@@ -564,6 +585,10 @@ def _main(argv=None) -> int:
     if args.size < MIN_SIZE:
         raise UserError(f"--size {args.size}: expected at least {MIN_SIZE} voxels per side (VIF's largest window is {MIN_SIZE} "
               "voxels; 41 or more give all four of its scales)")
+    if args.crop is not None and (args.dataset != "builtin" or not MIN_SIZE <= args.crop <= args.size):
+        raise UserError(f"--crop {args.crop}: a centre cube of the built-in heads, between {MIN_SIZE} and --size {args.size} voxels"
+                        + ("" if args.dataset == "builtin" else f" (not for --dataset {args.dataset})"))
+    if args.prealign != "none" and args.checkpoint is None: raise UserError("--prealign rigid adds a 'Rigid + UniFuse' row: it needs --checkpoint")
     if args.dataset != "builtin" and args.root is None: raise UserError(f"--dataset {args.dataset} needs --root (the dataset folder or CSV file)")
     if args.dataset == "builtin" and args.root is not None: raise UserError("--root is for a reader's data; pass --dataset too (brats2020, synthrad2023, petct or csv)")
     if args.root is not None and not args.root.exists(): raise UserError(f"--root {args.root}: no such file or folder")
@@ -581,24 +606,27 @@ def _main(argv=None) -> int:
         try: colourise(torch.zeros(1, 1, 2), args.colour)
         except ValueError: raise UserError(f"--colour {args.colour}: not a matplotlib colour map; expected e.g. hot, inferno or magma")
     try:
-        if args.dataset == "builtin": cases = list(builtin_cases(args.tasks, args.n, args.size, args.seed, device, args.colour))
+        if args.dataset == "builtin": cases = list(builtin_cases(args.tasks, args.n, args.size, args.seed, device, args.colour, args.crop))
         else: cases = list(reader_cases(args.dataset, args.root, args.n, args.size, args.split, device=device, colour=args.colour))
     except (ValueError, OSError) as e: raise UserError(f"--dataset {args.dataset}: {one_line(e)}") from e
     if not cases: raise UserError(f"--dataset {args.dataset}: the {args.split!r} split of {args.root} holds no subjects; try --split all")
     if args.checkpoint is not None:
         methods["UniFuse"] = unifuse_method(model, device)
+        if args.prealign == "rigid": methods["Rigid + UniFuse"] = unifuse_method(model, device, "rigid")
         c = cases[0]
         flops["UniFuse"] = count_flops(model, c["ref"].to(device), c["deg"].to(device))
         params["UniFuse"] = count_params(model)
+        if args.prealign == "rigid": flops["Rigid + UniFuse"], params["Rigid + UniFuse"] = flops["UniFuse"], params["UniFuse"]
     if not args.no_baseline:
         methods.update(baseline_methods(args.fusion, deformable=args.registration == "bspline"))
-    scales = vif_scales(args.size)
-    if scales < 4: print(f"unifuse-eval: note: at --size {args.size} Q_vif and Q_viff use {scales} of VIF's 4 scales "
+    side = args.crop if args.crop is not None else args.size
+    scales = vif_scales(side)
+    if scales < 4: print(f"unifuse-eval: note: at --size {side} Q_vif and Q_viff use {scales} of VIF's 4 scales "
                          "(41 or more give all four); the tables say so", file=sys.stderr)
     with warnings.catch_warnings():                                              # said once above, not once per case
         warnings.filterwarnings("ignore", message="volume too small for all four VIF scales")
         res = evaluate(cases, methods, flops, params, progress=not args.quiet)
-    meta = {"dataset": args.dataset, "tasks": args.tasks, "cases": len(cases), "size": args.size,
+    meta = {"dataset": args.dataset, "tasks": args.tasks, "cases": len(cases), "size": args.size, "crop": args.crop, "prealign": args.prealign,
             "checkpoint": str(args.checkpoint) if args.checkpoint else None, "methods": list(methods),
             "registration": args.registration, "device": str(device), "vif_scales": scales, "colour": args.colour}
     made = [q for q in [args.out.parent, *args.out.parent.parents] if not q.exists()]   # parents we create

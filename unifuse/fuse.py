@@ -493,8 +493,8 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
         if prealign != "none": d_grey = resize_volume(d_grey, size)
     else: notes.append(f"REF's spacing matches the model's ({'×'.join(f'{v:.2f}' for v in target)} mm)")
     if prealign == "none" and getattr(model, "meta", {}).get("shipped"):
-        notes.append("the shipped weights do not align a pair (see their model card): for a misaligned pair add "
-                     "--prealign rigid (prealign='rigid')")
+        notes.append("the shipped weights align pairs within the misalignment they were trained on (rotations up to 7.5°, "
+                     "shifts up to 6 mm; see their model card): for a larger one add --prealign rigid (prealign='rigid')")
     # 4. fuse (3b. after the optional classical rigid step)
     dev = _model_device(model)
     o = fuse_prealigned(model, r, d, prealign, d_grey, [v * n / m for v, n, m in zip(sp, ref_c.shape, size)],

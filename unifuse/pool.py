@@ -185,6 +185,8 @@ def batch_plan(cfg:TrainConfig, step:int, # step number (0-based)
         j = cand[int(torch.randint(len(cand), (1,), generator=g))]
         u = torch.rand(6, generator=g, dtype=torch.float64).tolist()
         box = slots[j][3] if (slots[j][3] is not None and u[5] < cfg.p_brain) else slots[j][2]
+        while cfg.centres == "ellipsoid" and sum((2 * f - 1) ** 2 for f in u[1:4]) > 1:   # a box's corners lie outside
+            u[1:4] = torch.rand(3, generator=g, dtype=torch.float64).tolist()        # the head: draw again (1.9 tries on average)
         plan.append(dict(task=task, slot=j, scale=cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * u[0],
                          centre=[b[0] + f * (b[1] - b[0] - 1) for b, f in zip(box, u[1:4])],
                          strip=bool(slots[j][1] and u[4] < cfg.p_strip),

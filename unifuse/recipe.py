@@ -42,6 +42,7 @@ HELP = {  # one line per field: the `--help` of unifuse-train and the table belo
     "scale": "random zoom of a crop: input voxels per output voxel, drawn in [LOW, HIGH]",
     "p_strip": "probability that a built-in crop is skull-stripped (brain mask from the tissue labels)",
     "p_brain": "probability that a built-in crop is centred inside the brain (else anywhere in the head)",
+    "centres": "where crop centres are drawn: 'ellipsoid' (inside the ellipsoid inscribed in the head's or brain's bounding box) or 'box' (anywhere in the box, corners included: runs before 2026-12-07)",
     "rotation_deg": "misalignment: largest rotation about each axis, degrees",
     "translation_mm": "misalignment: largest shift along each axis, mm",
     "deformation_mm": "misalignment: largest displacement of the smooth deformation, mm",
@@ -89,6 +90,7 @@ class TrainConfig:
     scale:tuple=(0.85, 1.15)
     p_strip:float=0.3
     p_brain:float=0.5
+    centres:str="ellipsoid"
     rotation_deg:float=7.5
     translation_mm:float=6.0
     deformation_mm:float=4.0
@@ -137,6 +139,7 @@ class TrainConfig:
         need(len(self.scale) == 2 and all(isnum(s) for s in self.scale) and 0 < self.scale[0] <= self.scale[1] <= 4,
              "scale", "(low, high) with 0 < low <= high <= 4")
         for k in ("p_strip", "p_brain"): need(isnum(getattr(self, k)) and 0 <= getattr(self, k) <= 1, k, "a probability in [0, 1]")
+        need(self.centres in ("ellipsoid", "box"), "centres", "'ellipsoid' or 'box'")
         for k in ("rotation_deg", "translation_mm", "deformation_mm", "weight_decay", "clip"):
             need(isnum(getattr(self, k)) and getattr(self, k) >= 0, k, "a number >= 0")
         need(len(self.motion_translation_mm) == 2 and all(isnum(m) and m >= 0 for m in self.motion_translation_mm),

@@ -62,18 +62,21 @@ def _plot_progress(rows:list, best_metric:str):
 
 # %% ../nbs/87_runlog.ipynb #d543838f
 def _plot_preview(vb:dict, res:dict, step:int):
-    "A preview: one held-out pair per task (rows): I_R, I'_D, W(I'_D, φ), I_fuse (axial middle slices)."
+    "A preview: one held-out pair per task (rows): I_R, I'_D, W(I'_D, φ), I_fuse (axial middle slices; CT in its display range, PET in colour)."
     from matplotlib.figure import Figure
+    from unifuse.data import TASKS
+    from unifuse.viz import modality_display
     idx = [list(vb["task"]).index(t) for t in dict.fromkeys(vb["task"])]
     fig = Figure(figsize=(7.2, 1.9 * len(idx) + 0.3), dpi=80)
     axs = fig.subplots(len(idx), 4, squeeze=False)
     for r, i in enumerate(idx):
         k = vb["ref"].shape[-1] // 2
-        for c, (v, name) in enumerate(((vb["ref"], "I_R"), (vb["deg"], "I'_D (input)"), (res["warped"], "W(I'_D, φ)"),
-                                       (res["fused"], "I_fuse"))):
+        shows = [modality_display(m) for m in TASKS.get(vb["task"][i], ("MRI", "MRI"))]
+        for c, (v, name, show) in enumerate(((vb["ref"], "I_R", shows[0]), (vb["deg"], "I'_D (input)", shows[1]),
+                                             (res["warped"], "W(I'_D, φ)", shows[1]), (res["fused"], "I_fuse", modality_display("fused")))):
             img = v[i, :, :, :, k].float().clamp(0, 1).cpu()                     # (C, D, H)
-            img = img.permute(2, 1, 0).numpy() if img.shape[0] == 3 else img[0].numpy().T   # rows up = H
-            axs[r, c].imshow(img, cmap="gray", vmin=0, vmax=1, origin="lower")
+            if img.shape[0] == 3: axs[r, c].imshow(img.permute(2, 1, 0).numpy(), origin="lower")   # RGB: rows up = H
+            else: axs[r, c].imshow(img[0].numpy().T, origin="lower", **show)
             axs[r, c].set_xticks([]); axs[r, c].set_yticks([])
             if r == 0: axs[r, c].set_title(name, fontsize=9)
         axs[r, 0].set_ylabel(f"{vb['task'][i]}\nQ_ssim {res['rows'][i]['Q_ssim']:.3f}", fontsize=8)

@@ -675,6 +675,7 @@ def _parser() -> argparse.ArgumentParser:
         if f.name == "tasks": p.add_argument(flag, nargs="+", choices=TASK_NAMES, **kw)
         elif f.name == "dataset": p.add_argument(flag, choices=["builtin", *READERS], **kw)
         elif f.name == "amp": p.add_argument(flag, choices=["auto", "bf16", "fp16", "none"], **kw)
+        elif f.name == "centres": p.add_argument(flag, choices=["ellipsoid", "box"], **kw)
         elif f.name == "best_metric": p.add_argument(flag, choices=VAL_KEYS, **kw)
         elif isinstance(d, bool): p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(d, tuple): p.add_argument(flag, nargs=2, type=float, metavar=("LOW", "HIGH"), **kw)

@@ -175,7 +175,8 @@ def show_slices(*vols, # volumes: tensors/arrays (D, H, W), (1, D, H, W) or (B, 
             ax.set_xticks([]); ax.set_yticks([])
             if r == 0 and titles[j] is not None: ax.set_title(str(titles[j]), fontsize=9)
             if j == 0: ax.set_ylabel(f"{p} {k}", fontsize=8)
-        if colorbar: fig.colorbar(im, ax=axs[:, j].tolist(), orientation="horizontal", fraction=0.04, pad=0.02)
+        if colorbar: fig.colorbar(im, ax=axs[:, j].tolist(), orientation="horizontal", fraction=0.04, pad=0.02,
+                                  format=matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))   # 1e-07, not 1 and a lost offset
     if suptitle: fig.suptitle(suptitle, fontsize=10)
     if not colorbar:                                   # a little room above the titles: tight_layout alone clips them in one row
         top = 1 - (0.1 / fig.get_figheight() if any(t is not None for t in titles) else 0)
@@ -353,7 +354,7 @@ def show_error_maps(label, # the aligned label image: a volume, or a list of vol
     errs = {k: [a - l for a, l in zip(vs, labels)] for k, vs in methods.items()}
     if vmax is None: vmax = max(max(float(np.abs(e).max()) for e in es) for es in errs.values()) or 1.0
     rows = 2 + len(methods)
-    fig, axs = plt.subplots(rows, n, figsize=(size * n, size * rows + 0.5), dpi=dpi, squeeze=False)
+    fig, axs = plt.subplots(rows, n, figsize=(max(size * n, 2.4), size * rows + 0.5), dpi=dpi, squeeze=False)
     for c in range(n):
         k = _slice_index(idx, labels[c].shape)[_PLANES[plane]]
         for r, v in enumerate((labels[c], moving[c])):
@@ -367,8 +368,9 @@ def show_error_maps(label, # the aligned label image: a volume, or a list of vol
         if cases[c] is not None: axs[0, c].set_title(str(cases[c]), fontsize=8)
     for r, name in enumerate(["label", "misaligned"] + list(errs)): axs[r, 0].set_ylabel(str(name), fontsize=8)
     for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
-    fig.colorbar(im, ax=axs.ravel().tolist(), orientation="horizontal", fraction=0.03, pad=0.02,
-                 label="aligned − label")
+    cb = fig.colorbar(im, ax=axs.ravel().tolist(), orientation="horizontal", fraction=0.03, pad=0.02,
+                      ticks=[-vmax, 0, vmax], format=matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+    cb.ax.tick_params(labelsize=7); cb.set_label("aligned − label", fontsize=8)   # three labels: legible in one column
     plt.close(fig)
     return fig
 
@@ -522,7 +524,9 @@ class SliceBrowser:
         # one figure, drawn again on every change (Agg, no pyplot: nothing is shown by itself)
         rows, cols = len(self.planes), len(arrs)
         leg_h = 0.0 if self.legend is None else 0.22 * -(-len(self.legend) // 4)   # inches for the legend's rows
-        self.fig = Figure(figsize=(size * cols, size * rows + leg_h), dpi=dpi)
+        cb_h = 0.0 if diff is None else 0.4                                        # inches for the difference's colour bar
+        height = size * rows + leg_h + cb_h
+        self.fig = Figure(figsize=(size * cols, height), dpi=dpi)
         FigureCanvasAgg(self.fig)
         axs = self.fig.subplots(rows, cols, squeeze=False)
         self._im, self._ov, self._grid, self._cross = {}, {}, {}, {}
@@ -549,7 +553,12 @@ class SliceBrowser:
             self.fig.legend(handles=[Patch(facecolor=c, edgecolor="0.5", label=nm) for nm, c in self.legend],
                             loc="lower center", ncol=min(4, len(self.legend)), fontsize=8, frameon=False,
                             handlelength=1.2, columnspacing=1.0)
-        self.fig.tight_layout(pad=0.3, rect=(0, leg_h / (size * rows + leg_h), 1, 1))
+        self.fig.tight_layout(pad=0.3, rect=(0, (leg_h + cb_h) / height, 1, 1))
+        if diff is not None:                                                       # the difference's scale, under its column
+            box = axs[-1, n].get_position()
+            cax = self.fig.add_axes((box.x0 + 0.1 * box.width, (leg_h + 0.22) / height, 0.8 * box.width, 0.08 / height))
+            self.fig.colorbar(self._im[rows - 1, n], cax=cax, orientation="horizontal")
+            cax.tick_params(labelsize=7)
         names = {0: "sagittal (D)", 1: "coronal (H)", 2: "axial (W)"}
         self.sliders = [W.IntSlider(value=ii[a], min=0, max=shape[a] - 1, description=names[a],
                                     continuous_update=False, style={"description_width": "80px"}) for a in range(3)]
@@ -806,23 +815,28 @@ class Explorer:
         err = vols[2] - as_volume(o["label"])
         before = float(np.abs(vols[1] - as_volume(o["label"])).mean())
         k = _slice_index(None, vols[0].shape)[_PLANES[plane]]
-        fig, axs = plt.subplots(1, 5, figsize=(5 * self.panel, self.panel + 0.4), dpi=self.dpi)
+        height = self.panel + 0.8
+        fig, axs = plt.subplots(1, 5, figsize=(5 * self.panel, height), dpi=self.dpi)
         names = ["I_R", "I'_D + grid of φ̂", "W(I'_D, φ̂)", "I_fuse", "W(I'_D, φ̂) − degraded I_D"]
-        cm = "hot" if o["task"] == "pet" else "gray"
-        for ax, v, nm, c in zip(axs, vols, names, ["gray", cm, cm, "gray"]):
-            ax.imshow(_plane(v, plane, k), cmap=c, vmin=0, vmax=1, origin="lower", interpolation="nearest")
+        from unifuse.data import TASKS
+        r_show, d_show = (modality_display(m) for m in TASKS[o["task"]])          # CT in its display range, PET in colour; I_fuse on [0, 1]
+        for ax, v, nm, show in zip(axs, vols, names, [r_show, d_show, d_show, modality_display("fused")]):
+            ax.imshow(_plane(v, plane, k), origin="lower", interpolation="nearest", **show)
             ax.set_title(nm, fontsize=8)
         step = max(1, round(max(vols[0].shape) / 12))
         axs[1].add_collection(LineCollection(_grid_segments(_flow_plane(as_flow(o["flow"]), plane, k), step),
                                              colors="gold", linewidths=0.6))
         m = max(float(np.abs(err).max()), 1e-6)
-        axs[4].imshow(_plane(err, plane, k), cmap="bwr", vmin=-m, vmax=m, origin="lower", interpolation="nearest")
+        im = axs[4].imshow(_plane(err, plane, k), cmap="bwr", vmin=-m, vmax=m, origin="lower", interpolation="nearest")
         axs[4].set_title(names[4], fontsize=8)
         A, B = (vols[0].shape[a] for a in _inplane(plane))
         for ax in axs: ax.set_xticks([]); ax.set_yticks([]); ax.set_xlim(-0.5, A - 0.5); ax.set_ylim(-0.5, B - 0.5)
         fig.suptitle(f"{o['task']}, s = {o['strength']:.2f}, misalignment × {o['misalign']:.2f}: "
                      f"mean |error| {before:.3f} before alignment, {float(np.abs(err).mean()):.3f} after", fontsize=9)
-        fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.9))
+        fig.tight_layout(pad=0.3, rect=(0, 0.4 / height, 1, 1 - 0.4 / height))
+        box = axs[4].get_position()                                                # the error's scale, under its panel
+        cax = fig.add_axes((box.x0 + 0.1 * box.width, 0.2 / height, 0.8 * box.width, 0.08 / height))
+        fig.colorbar(im, cax=cax, orientation="horizontal"); cax.tick_params(labelsize=7)
         plt.close(fig)
         return fig
 
