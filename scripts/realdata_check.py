@@ -62,7 +62,7 @@ def wins(a:dict, b:dict) -> int:
     return int(a["mse"] < b["mse"]) + int(a["cc"] > b["cc"]) + int(a["ssim"] > b["ssim"])
 
 
-def check_pair(ref, deg, clean_ref, clean_other, task:str, out:Path, checkpoint=None, log=print) -> dict:
+def check_pair(ref, deg, clean_ref, clean_other, task:str, out:Path, checkpoint=None, log=print, window="auto") -> dict:
     "The three fused volumes of one pair, their scores and whether UniFuse passes the rule."
     from unifuse.data import TASKS
     from unifuse.nifti import load_nifti
@@ -73,7 +73,7 @@ def check_pair(ref, deg, clean_ref, clean_other, task:str, out:Path, checkpoint=
     vol, raff, _ = load_nifti(ref)
     shape = vol.shape[:3]
     t0 = time.perf_counter()
-    s = fuse_files(ref, deg, out / "unifuse.nii.gz", task, checkpoint=checkpoint)
+    s = fuse_files(ref, deg, out / "unifuse.nii.gz", task, checkpoint=checkpoint, window=window)
     t_uni = time.perf_counter() - t0
     uni = np.asarray(load_nifti(out / "unifuse.nii.gz")[0], dtype=np.float32)   # on REF's grid, in [0, 1]
     r01, d01 = _on_ref(ref, ref_mod, shape, raff), _on_ref(deg, deg_mod, shape, raff)
@@ -143,6 +143,7 @@ def main(argv=None) -> int:
                     help="voxels per side of the 224 mm head: the T1/T2 pair and the other two (default 224 112: 1 and 2 mm)")
     for p in (p1, p2):
         p.add_argument("--checkpoint", default=None, help="a UniFuse.save file or a training checkpoint (default: the shipped weights)")
+        p.add_argument("--window", default="auto", help="unifuse-fuse's --window (default auto, its default); a side in voxels to compare")
     a = ap.parse_args(argv)
     for f in ([a.ref, a.deg, a.clean_ref, a.clean_other] if a.cmd == "pair" else []):
         if not f.is_file(): ap.error(f"{f}: no such file")
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     results = []
     for task, ref, deg, cr, co in jobs:
         print(f"{task}: {ref.name} + {deg.name}")
-        results.append(check_pair(ref, deg, cr, co, task, a.out / f"{task}_fused", a.checkpoint))
+        results.append(check_pair(ref, deg, cr, co, task, a.out / f"{task}_fused", a.checkpoint,
+                                  window=a.window if a.window == "auto" else int(a.window)))
     print(json.dumps(dict(checkpoint=a.checkpoint or "shipped", results=results)))
     return 0 if all(r["passed"] for r in results) else 1
 
