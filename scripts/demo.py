@@ -80,9 +80,13 @@ def montage(case:dict, fused:torch.Tensor, flow:torch.Tensor, title:str, path:Pa
     ref, deg, clean = case["ref"].cpu(), luma(case["deg"]).cpu(), luma(case["deg_label"]).cpu()
     aligned = warp(deg, flow.reshape(1, 3, *ref.shape[2:]).float())
     err = (fused.reshape(ref.shape) - torch.maximum(ref, clean)).abs()
+    from unifuse.viz import modality_display
+    from unifuse.data import TASKS
+    shown = [modality_display(m) for m in (*TASKS[case["task"]][:1], TASKS[case["task"]][1], TASKS[case["task"]][1], "fused")]
     fig = show_montage(ref, deg, aligned, fused.reshape(ref.shape), err, n=6, plane="axial",
                        titles=["reference I_R", "degraded I'_D", "aligned W(I'_D, φ)", "fused", "|fused − max(I_R, I_D)|"],
-                       vmin=[0, 0, 0, 0, 0], vmax=[1, 1, 1, 1, 0.5], size=1.5, dpi=100)
+                       cmap=[d["cmap"] for d in shown] + ["magma"], vmin=[d["vmin"] for d in shown] + [0],
+                       vmax=[d["vmax"] for d in shown] + [0.5], size=1.5, dpi=100)         # CT in its display range
     fig.text(0.5, 1.0, title, ha="center", va="bottom", fontsize=11)          # above the column titles (saved with a tight box)
     with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
