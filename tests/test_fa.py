@@ -353,3 +353,14 @@ def test_the_affine_prior_returns_its_own_confidence():
     phi, conf = mind_affine_prior(ref, deg, 4, return_confidence=True)
     assert torch.equal(phi, mind_affine_prior(ref, deg, 4))
     assert torch.allclose(conf, prior_confidence(ref, deg, phi, 4), atol=1e-5)
+
+
+def test_mind_pools_the_six_differences_as_one_did_one_by_one():
+    "`mind` box-averages its six squared differences in one call; the values are those of six calls, bit for bit."
+    x, n = torch.rand(2, 1, 13, 14, 15, generator=torch.Generator().manual_seed(0)), 3
+    xp, (D, H, W) = F.pad(x, (n,) * 6, mode="replicate"), x.shape[2:]
+    shifts = [(n, 0, 0), (-n, 0, 0), (0, n, 0), (0, -n, 0), (0, 0, n), (0, 0, -n)]
+    d = torch.cat([F.avg_pool3d((x - xp[:, :, n + i:n + i + D, n + j:n + j + H, n + k:n + k + W]) ** 2, 3, 1, 1,
+                                count_include_pad=False) for i, j, k in shifts], 1)
+    v = d.mean(1, keepdim=True).clamp_min(1e-4)
+    assert torch.equal(mind(x), torch.exp(-(d - d.amin(1, keepdim=True)) / v))
