@@ -229,7 +229,7 @@ def test_mind_prior_finds_a_shift_across_contrasts(shift):
 
 
 def test_prior_is_the_start_and_the_head_reads_it():
-    cfg = UniFuseConfig.tiny(n_regblk=1, fa_head_init=0.0)
+    cfg = UniFuseConfig.tiny(n_regblk=1, fa_head_init=0.0, fa_frame="input")    # the additive frame: φ = prior_weight·φ_prior + the rest
     fa = FA(cfg)
     nn.init.zeros_(fa.blocks[0].out_r.weight); nn.init.zeros_(fa.blocks[0].out_r.bias)
     assert fa.head[0].in_channels == 2 * cfg.fa_channels + 3 + 1 and float(fa.prior_weight.detach()) == 1.0   # φ_prior, its match
@@ -364,3 +364,22 @@ def test_mind_pools_the_six_differences_as_one_did_one_by_one():
                                 count_include_pad=False) for i, j, k in shifts], 1)
     v = d.mean(1, keepdim=True).clamp_min(1e-4)
     assert torch.equal(mind(x), torch.exp(-(d - d.amin(1, keepdim=True)) / v))
+
+
+def test_fa_in_the_priors_frame_starts_from_the_prior():
+    "fa_frame='prior': D's features are pulled into R's frame by φ_prior; with the learned residual at 0, φ is φ_prior."
+    cfg = UniFuseConfig.tiny(fa_frame="prior")
+    fa = FA(cfg).eval()
+    with torch.no_grad():
+        nn.init.zeros_(fa.head[-1].weight); fa.direct.zero_()
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(1, 1, 32, 32, 32, generator=g)
+    deg = warp(ref, affine_flow(rotation_matrix(torch.tensor([[0.0, 0.0, 0.1]])), torch.tensor([[2.0, 0.0, 0.0]]), (32, 32, 32)))
+    fd, fr = torch.randn(2, 1, cfg.embed_dim, 8, 8, 8, generator=g)
+    P = torch.randn(1, cfg.n_classes, cfg.prompt_len, cfg.embed_dim, generator=g)
+    with torch.no_grad():
+        phi, phi_c = fa(fd, fr, P, (32, 32, 32), return_coarse=True, images=(ref, deg))
+        prior = fa.prior_flow((ref, deg), (8, 8, 8))
+    assert phi.shape == (1, 3, 32, 32, 32) and torch.allclose(phi_c, prior, atol=1e-5)
+    with pytest.raises(ValueError, match="fa_frame"): UniFuseConfig.tiny(fa_frame="residual")
+    assert UniFuseConfig.from_dict({k: v for k, v in UniFuseConfig.tiny().to_dict().items() if k != "fa_frame"}).fa_frame == "input"

@@ -26,7 +26,7 @@ FA_PRIORS = ("mind_affine", "mind", "none")
 # What a checkpoint written before a field existed was built with: `from_dict` fills a missing field from here, so
 # older weights rebuild the network they were trained as (new configs get the dataclass defaults).
 LEGACY = dict(dhat="joint", moda_pairs="grid", fa_window_kind="blocks", fa_direct=False, fa_head_init=0.0,
-              fa_feature_grad=1.0, fa_attention="dot", pad_mode="zeros", fa_prior="none", fa_prior_confidence=False)   # not dapl_window: it has no weights, and windows of the training crop help older weights too
+              fa_feature_grad=1.0, fa_attention="dot", pad_mode="zeros", fa_prior="none", fa_prior_confidence=False, fa_frame="input")   # not dapl_window: it has no weights, and windows of the training crop help older weights too
 LOSS_TERMS = ("ce", "moda", "reg", "ssim", "inten", "grad", "crcb")
 
 def _default_weights(): return {k: 1.0 for k in LOSS_TERMS}
@@ -61,6 +61,7 @@ class UniFuseConfig:
     fa_prior:str="mind_affine" # FA's start for φ from the two images' MIND descriptors: "mind_affine" (block matching, robust affine fits, then a local matching), "mind" (block matching alone) or "none"
     fa_prior_cube:int=5        # side of the cube of tokens the prior's matching costs are averaged over (odd)
     fa_prior_confidence:bool=True  # FA's head also reads how well I'_D, moved by φ_prior, matches I_R at each token (MIND cosine)
+    fa_frame:str="prior"       # where FA's RegBLKs compare the features: "prior" (F̄'_D pulled into R's frame by φ_prior first; blocks and head measure the residual, composed with φ_prior) or "input" (F̄'_D as given; their output added to φ_prior). Without a prior: "input"
     ufrf_channels:tuple=(8, 16, 32, 64, 96)  # widths of UFR&F's U-Net levels, full resolution first
     ufrf_head_dim:int=48       # channels per attention head in BaseNet: heads = max(1, c // ufrf_head_dim)
     ufrf_ffn_expand:float=2.0  # BaseNet's gated feed-forward width × c below full resolution (Restormer uses 2.66); the top level uses 1
@@ -107,6 +108,7 @@ class UniFuseConfig:
         need(isinstance(self.fa_radius, int) and 1 <= self.fa_radius <= 4, f"fa_radius must be 1…4, got {self.fa_radius!r}")
         need(self.fa_prior in FA_PRIORS, f"fa_prior must be one of {FA_PRIORS}, got {self.fa_prior!r}")
         need(isinstance(self.fa_prior_confidence, bool), f"fa_prior_confidence must be True or False, got {self.fa_prior_confidence!r}")
+        need(self.fa_frame in ("input", "prior"), f"fa_frame must be 'input' or 'prior', got {self.fa_frame!r}")
         need(isinstance(self.fa_prior_cube, int) and self.fa_prior_cube in (1, 3, 5, 7, 9),
              f"fa_prior_cube must be an odd number of tokens 1…9, got {self.fa_prior_cube!r}")
         need(isinstance(self.fa_direct, bool), f"fa_direct must be True or False, got {self.fa_direct!r}")
