@@ -110,7 +110,7 @@ def check_archive(path, # a zip archive (e.g. a file of `torch.save`)
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as z: bad = z.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:   # ValueError: e.g. a flipped byte in a member name (UnicodeDecodeError)
         raise ValueError(f"{path} is not a readable {what} ({type(e).__name__}: {e}); the file is truncated or damaged: "
                          f"use an intact copy") from None
     if bad is not None:
