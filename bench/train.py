@@ -10,7 +10,9 @@
   I_R) at the same size and batch with MSE + smoothness (`DiffusionLoss`) and AdamW; bf16 autocast on CUDA
   as for UniFuse.
 
-Times are medians over `--steps` steps after `--warmup` steps. `ratio` compares the model steps (UniFuse's
+Both run with `unifuse-train`'s allocator settings (`unifuse.launch.keep_freed_memory`: freed memory kept for the next
+step; `UNIFUSE_MALLOC=system` for glibc's defaults); the JSON's `malloc` says which. Times are medians over `--steps`
+steps after `--warmup` steps. `ratio` compares the model steps (UniFuse's
 step without its data pipeline, against VoxelMorph's step, which has none); `ratio_full_step` includes it.
 Peak memory: CUDA `max_memory_allocated`, or on the CPU the resident set size sampled every 2 ms during
 each model's phase (the increase over the phase's start is printed too; freed memory is returned to the
@@ -30,6 +32,8 @@ import torch
 try: import unifuse                                                         # installed, or run from the repo root
 except ImportError: sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from unifuse.train import PRESETS, TrainConfig, Trainer
+from unifuse.launch import keep_freed_memory
+MALLOC = "keep" if keep_freed_memory() else "system"                        # as unifuse-train runs (UNIFUSE_MALLOC=system: glibc's defaults)
 
 
 class PeakRSS:
@@ -146,13 +150,13 @@ def main(argv=None):
     setup_s = time.time() - t0
     dev = t.device
     print(f"UniFuse {a.preset}: {a.batch} × {a.size}³ at {t.spacing_mm:.3f} mm on {dev} ({torch.get_num_threads()} threads), "
-          f"amp {t.amp}; pool of {a.pool} made/loaded in {setup_s:.0f} s", flush=True)
+          f"amp {t.amp}, malloc {MALLOC}; pool of {a.pool} made/loaded in {setup_s:.0f} s", flush=True)
     uni = bench_unifuse(t, a.steps, a.warmup)
     print(f"  UniFuse     {uni['ms_per_step']:8.1f} ms/step (model {uni['model_ms']:.1f} ms, data {uni['data_ms']:.1f} ms = "
           f"{100 * uni['data_share']:.0f} %), {uni['samples_per_s']:.2f} samples/s, peak {uni['peak_mem_mib']:.0f} MiB, "
           f"{uni['params']:,} parameters, {uni['step_gflops']:.1f} GFLOPs/step", flush=True)
     res = dict(bench="train", preset=a.preset, size=a.size, batch=a.batch, device=str(dev), threads=torch.get_num_threads(),
-               amp=t.amp, spacing_mm=round(t.spacing_mm, 4), torch=str(torch.__version__), cpu=cpu_model(), isa=cpu_isa(),
+               amp=t.amp, spacing_mm=round(t.spacing_mm, 4), torch=str(torch.__version__), cpu=cpu_model(), isa=cpu_isa(), malloc=MALLOC,
                steps=a.steps, warmup=a.warmup, unifuse=uni)
     if not a.no_voxelmorph:
         batches = [t.batch(s, 0) for s in range(2)]

@@ -43,13 +43,26 @@ def run(path:Path, flags:set, timeout:int, known=("slow", "cuda")) -> float:
             dt = time.time() - t
             if dt > 5: print(f"  {path.name} cell {i}: {dt:.1f} s", file=sys.stderr)
     drop_dead_widget_views(nb)
-    blank = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and not (flags_of(c) & set(known)) - flags
-             and not any("image/png" in o.get("data", {}) for o in c.outputs)
-             and ("plt.show()" in c.source or any(o.get("data", {}).get("text/plain", "").startswith("<Figure size")
-                                                  for o in c.outputs))]
+    skipped = {i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (flags_of(c) & set(known)) - flags}
+    blank = [i for i in blank_figures(nb) if i not in skipped]          # skipped cells keep their recorded outputs
     if blank: raise SystemExit(f"{path}: cells {blank} draw a figure but recorded no picture; notebook left as it was")
     nbformat.write(nb, path)
     return time.time() - t0
+
+
+def blank_figures(nb) -> list:
+    "Indices of code cells that draw a figure whose outputs hold no picture of it (the Figure only as text, or `plt.show()` with no PNG)."
+    out = []
+    for i, c in enumerate(nb["cells"]):
+        if c["cell_type"] != "code": continue
+        outs = c.get("outputs", [])
+        pictures = ["image/png" in o.get("data", {}) for o in outs]
+        texts = ["".join(o.get("data", {}).get("text/plain", "")) for o in outs]
+        as_text = any(t.startswith("<Figure size") or t.startswith("<IPython.core.display.Image object")
+                      for t, pic in zip(texts, pictures) if not pic)
+        shown = "plt.show()" in "".join(c["source"]) and not any(pictures)
+        if as_text or shown: out.append(i)
+    return out
 
 
 def drop_dead_widget_views(nb) -> int:

@@ -2,26 +2,15 @@
 
 A notebook run with a non-interactive matplotlib backend (e.g. `MPLBACKEND=Agg`) records a Figure only as the text
 `<Figure size …>` and `plt.show()` as nothing; `scripts/run_nb.py` re-records notebooks the way JupyterLab shows them."""
-import json
+import importlib.util, json
 from pathlib import Path
 import pytest
 
-NBS = sorted((Path(__file__).resolve().parents[1] / "nbs").glob("*.ipynb"))
-
-
-def blank_figures(nb:dict) -> list:
-    "Indices of code cells that draw a figure whose saved outputs hold no picture of it."
-    out = []
-    for i, c in enumerate(nb["cells"]):
-        if c["cell_type"] != "code": continue
-        outs = c.get("outputs", [])
-        pictures = ["image/png" in o.get("data", {}) for o in outs]
-        texts = ["".join(o.get("data", {}).get("text/plain", "")) for o in outs]
-        as_text = any(t.startswith("<Figure size") or t.startswith("<IPython.core.display.Image object")
-                      for t, pic in zip(texts, pictures) if not pic)
-        shown = "plt.show()" in "".join(c["source"]) and not any(pictures)
-        if as_text or shown: out.append(i)
-    return out
+ROOT = Path(__file__).resolve().parents[1]
+NBS = sorted((ROOT / "nbs").glob("*.ipynb"))
+_spec = importlib.util.spec_from_file_location("run_nb", ROOT / "scripts" / "run_nb.py")   # one rule: the recorder's
+run_nb = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(run_nb)
+blank_figures = run_nb.blank_figures
 
 
 def test_blank_figures_finds_a_figure_saved_as_text():

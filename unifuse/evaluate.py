@@ -295,12 +295,12 @@ def unifuse_method(model, device="cpu",
     "A method callable running a `UniFuse` model on the whole case: `model(ref, deg)['fused']` and `['flow']`."
     if not isinstance(model, torch.nn.Module): raise TypeError(f"model: expected a UniFuse model (torch.nn.Module), got {type(model).__name__}")
     if prealign not in ("none", "rigid"): raise ValueError(f"prealign={prealign!r}: expected 'none' or 'rigid'")
-    from unifuse.fuse import fuse_prealigned
+    from unifuse.fuse import fuse_prealigned, FuseWarning
     model = model.to(device).eval()
     def m(case):
         ref, deg = case["ref"].to(device), case["deg"].to(device)
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")                                       # the prealignment's notes
+            warnings.simplefilter("ignore", FuseWarning)                          # the prealignment's notes; anything else still shows
             if str(device).startswith("cuda"): torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = fuse_prealigned(model, ref, deg, prealign, deg_grey=luma(deg), window=None)
@@ -401,16 +401,15 @@ def write_csv(rows:list, path) -> Path:
 # %% ../nbs/65_evaluate.ipynb #cc24ecc1
 def montage(example:dict, title:str="", size:float=1.6):
     "A figure: I_R, I'_D, I_D and each method's fused volume (columns) in three planes (rows)."
-    from unifuse.viz import show_slices, modality_display
+    from unifuse.viz import show_slices, displays
     from unifuse.data import TASKS
     vols = [example["ref"], example["deg"], example["deg_label"], *example["fused"].values()]
     vols = [luma(v.reshape(1, -1, *v.shape[-3:]))[0, 0] for v in vols]         # colour volumes shown as Y for now
     titles = ["I_R (ref)", "I'_D (input)", "I_D (clean)", *example["fused"].keys()]
     titles = [t.replace("TV + ", "") for t in titles]
     mods = TASKS.get(example.get("task"), ("MRI", "MRI"))
-    shows = [modality_display(mods[0])] + [modality_display(mods[1])] * 2 + [modality_display("fused")] * len(example["fused"])
     return show_slices(*[v.clamp(0, 1) for v in vols], titles=titles, size=size, suptitle=title, dpi=60,
-                       cmap=[d["cmap"] for d in shows], vmin=[d["vmin"] for d in shows], vmax=[d["vmax"] for d in shows])
+                       **displays(mods[0], mods[1], mods[1], *["fused"] * len(example["fused"])))
 
 def write_montages(result:dict, out_dir, key:str="Q_ssim") -> list:
     "PNG montages of the worst and best case of each task; returns the paths."

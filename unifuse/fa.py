@@ -358,17 +358,17 @@ class FA(nn.Module):
         if self.prior:
             out = self.prior_flow(images, fbar_d.shape[2:], confidence=self.confidence)
             extra = [t.to(fd.dtype) for t in (out if self.confidence else (out,))]
-        prior = extra[0] if extra else None
+        prior = self.prior_weight.to(fd.dtype) * extra[0] if extra else None    # prior_weight · φ_prior
         in_prior_frame = self.prior and self.cfg.fa_frame == "prior"
-        if in_prior_frame: fd = warp(fd, self.prior_weight.to(fd.dtype) * prior)   # D's features where φ_prior says R's are
+        if in_prior_frame: fd = warp(fd, prior)                             # D's features where φ_prior says R's are
         disps = []
         for blk in self.blocks:                                             # F̄^{i+1}
             if self.direct is None: fd, fr = blk(fd, fr, g)
             else: fd, fr, u = blk(fd, fr, g, return_disp=True); disps.append(u)   # u: (B, 3, d, h, w) 1/Q voxels
         phi_c = self.head(torch.cat([fd, fr] + extra, 1))                   # (B, 3, d, h, w), 1/Q voxels
         if disps: phi_c = phi_c + torch.einsum("j,jbcdhw->bcdhw", self.direct.to(phi_c.dtype), torch.stack(disps))
-        if in_prior_frame: phi_c = compose(self.prior_weight.to(phi_c.dtype) * prior, phi_c)   # the residual, then φ_prior: r(p) + φ_prior(p + r(p))
-        elif self.prior: phi_c = phi_c + self.prior_weight.to(phi_c.dtype) * prior
+        if in_prior_frame: phi_c = compose(prior.to(phi_c.dtype), phi_c)   # the residual, then φ_prior: r(p) + φ_prior(p + r(p))
+        elif self.prior: phi_c = phi_c + prior.to(phi_c.dtype)
         phi_c = phi_c.contiguous()                                          # channels-first:
         phi = resize_flow(phi_c, size)                                      # (B, 3, D, H, W), ×Q, values ×Q  (trilinear is faster so)
         return (phi, phi_c) if return_coarse else phi

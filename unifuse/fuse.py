@@ -131,7 +131,7 @@ def normalise_input(vol, # (D, H, W) intensities as stored (HU, SUV, scanner uni
         note = f"HU window {CT_WINDOW[0]:g}…{CT_WINDOW[1]:g} → [0, 1]"
     elif chosen == "percentile":
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")                                  # a constant volume was reported above
+            warnings.filterwarnings("ignore", message="normalize: the .* volume is constant")   # reported above
             out = normalize(arr, "PET" if kind == "pet" else "MRI")         # MRI and CT: robust foreground percentiles
         note = "foreground percentiles 0.5/99.5 % → [0, 1]" + (" (0 uptake stays 0)" if kind == "pet" else "")
     else:

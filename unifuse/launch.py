@@ -1,4 +1,4 @@
-"""The command-line tools start here: their CPU threads are chosen from the machine's load before PyTorch loads.
+"""The command-line tools start here: their CPU threads are chosen from the machine's load before PyTorch loads; training keeps freed memory for the next step.
 
 Docs: https://unifuse.github.io/unifuse/launch.html.md"""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os, sys, time
 
 # %% auto #0
-__all__ = ['LoadMeter', 'threads_for', 'configure', 'train', 'fuse', 'evaluate']
+__all__ = ['LoadMeter', 'threads_for', 'configure', 'train', 'fuse', 'evaluate', 'keep_freed_memory', 'trim_freed_memory']
 
 # %% ../nbs/06_launch.ipynb #6a468038
 def _cpu_times() -> tuple:
@@ -63,6 +63,7 @@ def _run(module:str, argv=None) -> int:
 def train(argv=None) -> int:
     "`unifuse-train`: its thread count also follows the load during the run (unless the user set OMP_NUM_THREADS)."
     os.environ.setdefault("UNIFUSE_ADAPT_THREADS", "0" if "OMP_NUM_THREADS" in os.environ else "1")
+    keep_freed_memory()                                                  # steps reuse what the last one freed (below)
     return _run("unifuse.train", argv)
 
 def fuse(argv=None) -> int:
@@ -72,3 +73,25 @@ def fuse(argv=None) -> int:
 def evaluate(argv=None) -> int:
     "`unifuse-eval`"
     return _run("unifuse.evaluate", argv)
+
+# %% ../nbs/06_launch.ipynb #7cf8856b
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4        # mallopt's parameter numbers (glibc's <malloc.h>)
+_kept = False                                 # whether keep_freed_memory took effect in this process
+
+def keep_freed_memory() -> bool: # True when glibc's malloc now keeps freed memory
+    "Large tensors from the heap, and freed memory kept for reuse instead of returned to the system (glibc's `mallopt`)."
+    global _kept
+    if os.environ.get("UNIFUSE_MALLOC", "keep").lower() in ("system", "0", "off"): return False
+    if "malloc" in os.environ.get("LD_PRELOAD", "") or not sys.platform.startswith("linux"): return False   # not glibc's malloc
+    import ctypes, platform
+    if platform.libc_ver()[0] != "glibc": return False
+    try: libc = ctypes.CDLL("libc.so.6")
+    except OSError: return False
+    _kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return _kept
+
+def trim_freed_memory() -> bool: # True when memory was handed back
+    "Hand the memory freed so far back to the system now (glibc's `malloc_trim`), where `keep_freed_memory` holds it."
+    if not _kept: return False
+    import ctypes
+    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .config import UniFuseConfig
 from .model import UniFuse
 from .files import atomic_path, write_json, check_archive
-from .launch import LoadMeter, threads_for
+from .launch import LoadMeter, threads_for, trim_freed_memory
 from .colour import luma
 from . import data as udata
 from .recipe import (
@@ -470,6 +470,7 @@ class _TrainerRun:
                 last = self.step == cfg.steps
                 val_due = last or self.step % cfg.val_interval == 0
                 v = self._validate() if val_due else None
+                if v is not None: trim_freed_memory()                   # other shapes than a step's: give their memory back
                 if last or self.step % cfg.log_every == 0 or v is not None:
                     self._record(self._row(v)); self._window = self._new_window()
                 ckpt = last or (self.step % cfg.ckpt_interval == 0 and self.bad == 0)   # not inside a run of skipped steps

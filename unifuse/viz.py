@@ -21,9 +21,9 @@ from matplotlib.collections import LineCollection
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 # %% auto #0
-__all__ = ['CT_DISPLAY', 'as_volume', 'as_flow', 'fig_to_png', 'show_slices', 'modality_display', 'show_montage', 'show_flow',
-           'show_error_maps', 'Pictured', 'with_picture', 'Interactive', 'SliceBrowser', 'to_nifti_bytes', 'view3d',
-           'flow_magnitude', 'Explorer']
+__all__ = ['CT_DISPLAY', 'as_volume', 'as_flow', 'fig_to_png', 'show_slices', 'modality_display', 'displays', 'show_montage',
+           'show_flow', 'show_error_maps', 'Pictured', 'with_picture', 'Interactive', 'SliceBrowser', 'to_nifti_bytes',
+           'view3d', 'flow_magnitude', 'Explorer']
 
 # %% ../nbs/03_viz.ipynb #a0291c4f
 def as_volume(v, # tensor/array (D, H, W), (1, D, H, W) or (B, 1, D, H, W); a nibabel image also works
@@ -122,6 +122,11 @@ def _slice_index(idx, shape):
     return tuple(out)
 
 
+def _short_ticks():
+    "Colour-bar tick labels with two significant digits: 1e-07 stays 1e-07 (no lost offset), 0.123456 reads 0.12."
+    return matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}")
+
+
 def fig_to_png(fig:Figure) -> bytes:
     "Render a matplotlib figure to PNG bytes (Agg, no display needed)."
     buf = io.BytesIO()
@@ -176,7 +181,7 @@ def show_slices(*vols, # volumes: tensors/arrays (D, H, W), (1, D, H, W) or (B, 
             if r == 0 and titles[j] is not None: ax.set_title(str(titles[j]), fontsize=9)
             if j == 0: ax.set_ylabel(f"{p} {k}", fontsize=8)
         if colorbar: fig.colorbar(im, ax=axs[:, j].tolist(), orientation="horizontal", fraction=0.04, pad=0.02,
-                                  format=matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))   # 1e-07, not 1 and a lost offset
+                                  format=_short_ticks())
     if suptitle: fig.suptitle(suptitle, fontsize=10)
     if not colorbar:                                   # a little room above the titles: tight_layout alone clips them in one row
         top = 1 - (0.1 / fig.get_figheight() if any(t is not None for t in titles) else 0)
@@ -195,6 +200,13 @@ def modality_display(modality:str, # "MRI-T1", "MRI-T2", "CT", "PET" (or "mri", 
     if k.startswith("CT"): return dict(cmap="gray", vmin=CT_DISPLAY[0], vmax=CT_DISPLAY[1])
     if k.startswith("PET"): return dict(cmap="hot", vmin=0.0, vmax=1.0)
     return dict(cmap="gray", vmin=0.0, vmax=1.0)
+
+
+def displays(*modalities:str, # one modality per volume (as in `modality_display`)
+            ) -> dict: # keywords cmap, vmin, vmax, each a list with one entry per volume
+    "`modality_display` for several volumes at once, as `show_slices`, `show_montage` and `SliceBrowser` take it."
+    ds = [modality_display(m) for m in modalities]
+    return {k: [d[k] for d in ds] for k in ("cmap", "vmin", "vmax")}
 
 # %% ../nbs/03_viz.ipynb #2555996c
 def show_montage(*vols, # volumes (D, H, W), (1, D, H, W) or (B, 1, D, H, W)
@@ -369,7 +381,7 @@ def show_error_maps(label, # the aligned label image: a volume, or a list of vol
     for r, name in enumerate(["label", "misaligned"] + list(errs)): axs[r, 0].set_ylabel(str(name), fontsize=8)
     for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
     cb = fig.colorbar(im, ax=axs.ravel().tolist(), orientation="horizontal", fraction=0.03, pad=0.02,
-                      ticks=[-vmax, 0, vmax], format=matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+                      ticks=[-vmax, 0, vmax], format=_short_ticks())
     cb.ax.tick_params(labelsize=7); cb.set_label("aligned − label", fontsize=8)   # three labels: legible in one column
     plt.close(fig)
     return fig
