@@ -76,22 +76,19 @@ def evaluate(argv=None) -> int:
 
 # %% ../nbs/06_launch.ipynb #7cf8856b
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4        # mallopt's parameter numbers (glibc's <malloc.h>)
-_kept = False                                 # whether keep_freed_memory took effect in this process
+_libc = None                                  # glibc, once keep_freed_memory has taken effect in this process
 
 def keep_freed_memory() -> bool: # True when glibc's malloc now keeps freed memory
     "Large tensors from the heap, and freed memory kept for reuse instead of returned to the system (glibc's `mallopt`)."
-    global _kept
+    global _libc
     if os.environ.get("UNIFUSE_MALLOC", "keep").lower() in ("system", "0", "off"): return False
-    if "malloc" in os.environ.get("LD_PRELOAD", "") or not sys.platform.startswith("linux"): return False   # not glibc's malloc
+    if "malloc" in os.environ.get("LD_PRELOAD", ""): return False        # another allocator (tcmalloc, jemalloc) is in charge
     import ctypes, platform
-    if platform.libc_ver()[0] != "glibc": return False
-    try: libc = ctypes.CDLL("libc.so.6")
-    except OSError: return False
-    _kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    return _kept
+    if platform.libc_ver()[0] != "glibc": return False                   # macOS, Windows, musl: nothing to set
+    libc = ctypes.CDLL("libc.so.6")
+    if libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1): _libc = libc
+    return _libc is not None
 
 def trim_freed_memory() -> bool: # True when memory was handed back
     "Hand the memory freed so far back to the system now (glibc's `malloc_trim`), where `keep_freed_memory` holds it."
-    if not _kept: return False
-    import ctypes
-    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    return _libc is not None and bool(_libc.malloc_trim(0))
