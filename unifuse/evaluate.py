@@ -291,8 +291,9 @@ def baseline_methods(rules=FUSION_RULES, deformable:bool=False) -> dict:
 
 def unifuse_method(model, device="cpu",
                    prealign:str="none", # "rigid": SimpleITK's rigid registration first, composed into φ (`unifuse-fuse --prealign rigid`)
+                   window="auto", # as `unifuse-fuse --window`: "auto" (windows of the training crop for cases beyond 1.5× its side), 0 (one pass) or a side
                   ):
-    "A method callable running a `UniFuse` model on the whole case: `model(ref, deg)['fused']` and `['flow']`."
+    "A method callable running a `UniFuse` model on a case as `unifuse-fuse` does (`fuse_prealigned`): fused volume and φ."
     if not isinstance(model, torch.nn.Module): raise TypeError(f"model: expected a UniFuse model (torch.nn.Module), got {type(model).__name__}")
     if prealign not in ("none", "rigid"): raise ValueError(f"prealign={prealign!r}: expected 'none' or 'rigid'")
     from unifuse.fuse import fuse_prealigned, FuseWarning
@@ -303,7 +304,7 @@ def unifuse_method(model, device="cpu",
             warnings.simplefilter("ignore", FuseWarning)                          # the prealignment's notes; anything else still shows
             if str(device).startswith("cuda"): torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = fuse_prealigned(model, ref, deg, prealign, deg_grey=luma(deg), window=None)
+            out = fuse_prealigned(model, ref, deg, prealign, deg_grey=luma(deg), window=window)
             if str(device).startswith("cuda"): torch.cuda.synchronize()
             dt = time.perf_counter() - t0
         return out["fused"].float().cpu(), out["flow"].float(), dt

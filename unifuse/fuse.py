@@ -17,10 +17,11 @@ from torch import Tensor
 from .data import TASKS, gaussian_blur
 from .nifti import CT_WINDOW, load_nifti, to_canonical, normalize, resample_pair, orientation, from_canonical, flow_to_canonical, spacing_of
 from .degrade import CLASSES, TASKS as DEGRADATION
-from .colour import colourise, PET_CMAP
+from .colour import colourise, luma, PET_CMAP
 from .files import atomic_path, check_writable
 from .spatial import warp, resize_flow, jacobian_det, compose
-from .model import UniFuse
+from .model import UniFuse, pad_to_multiple, crop_to
+from .fa import mind_affine_prior
 from .device import resolve_device
 from .cli import MissingDependency, Parser, UserError, cpu_kernels_flag, one_line, run, user_input
 
@@ -28,9 +29,9 @@ from .cli import MissingDependency, Parser, UserError, cpu_kernels_flag, one_lin
 # %% auto #0
 __all__ = ['NORMS', 'FOLDING_WARN', 'LOW_PROBABILITY', 'SOFT_TISSUE_HU', 'PREALIGN', 'MIN_SIDE', 'MI_BINS', 'MIN_MI',
            'SUMMARY_COLUMNS', 'FuseWarning', 'ct_units', 'normalise_input', 'model_spacing', 'spacing_plan',
-           'resize_volume', 'memory_estimate', 'available_memory', 'plan_windows', 'fuse_volume', 'degradation_report',
-           'folding', 'prealign_rigid', 'fuse_prealigned', 'fuse_arrays', 'write_outputs', 'load_model', 'fuse_files',
-           'read_pairs', 'fuse_csv', 'main']
+           'resize_volume', 'memory_estimate', 'available_memory', 'plan_windows', 'training_crop', 'fuse_volume',
+           'whole_volume_prior', 'degradation_report', 'folding', 'prealign_rigid', 'fuse_prealigned', 'fuse_arrays',
+           'write_outputs', 'load_model', 'fuse_files', 'read_pairs', 'fuse_csv', 'main']
 
 # %% ../nbs/80_fuse.ipynb #9fb914cc
 NORMS = ("auto", "hu", "percentile", "none")  # the choices of --ref-norm / --deg-norm
@@ -222,21 +223,30 @@ def _check_window(window, overlap):
 def plan_windows(model, # a UniFuse model (its config sizes the estimate)
                  shape, # (D, H, W) of the volume to fuse
                  device, # where it runs
-                 window="auto", # "auto" (decide from memory), 0 or None (whole volume), or a window side in voxels
+                 window="auto", # "auto" (from the training crop and memory), 0 or None (whole volume), or a window side in voxels
                  budget:float=0.5, # share of the free memory a whole volume may take
-                ) -> int|None: # window side in voxels (a multiple of `model.multiple`), or None for the whole volume
-    "Fuse whole or in windows: the window side, or None when the whole volume fits (or is asked for)."
+                 reach:float=1.5, # "auto": a side beyond `reach` × the training crop is read in windows of the crop
+                 why:bool=False, # also return the reason: "asked", "trained" (the training crop) or "memory"
+                ): # window side in voxels (a multiple of `model.multiple`), or None for the whole volume; with `why` a pair
+    "Fuse whole or in windows: the window side, or None when the whole volume fits the training crop and memory (or is asked for)."
     _check_window(window, 0.25)
     m = getattr(model, "multiple", 1)
-    if window in (None, 0): return None
+    side, reason = None, "asked"
     if window == "auto":
+        crop = training_crop(model)
+        if crop is not None and max(shape) > reach * crop: side, reason = -(-crop // m) * m, "trained"
         free = budget * available_memory(device)
-        if memory_estimate(model, shape) <= free: return None
-        per_voxel = memory_estimate(model, (m, m, m)) / m ** 3
-        side = int((free / per_voxel) ** (1 / 3)) // m * m
-        side = max(side, 2 * m, 32)
-    else: side = -(-int(window) // m) * m                                   # round up to a multiple
-    return None if all(side >= s for s in shape) else side
+        if memory_estimate(model, shape if side is None else (side,) * 3) > free:
+            per_voxel = memory_estimate(model, (m, m, m)) / m ** 3
+            side, reason = max(int((free / per_voxel) ** (1 / 3)) // m * m, 2 * m, 32), "memory"
+    elif window not in (None, 0): side = -(-int(window) // m) * m          # round up to a multiple
+    if side is not None and all(side >= s for s in shape): side = None
+    return (side, reason if side is not None else None) if why else side
+
+def training_crop(model) -> int|None:
+    "The side of the crops `model` was trained on (`model.meta['crop']`, voxels), or None when not recorded."
+    c = (getattr(model, "meta", None) or {}).get("crop")
+    return int(c) if isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c > 0 else None
 
 # %% ../nbs/80_fuse.ipynb #83909170
 def _as5(x, name:str) -> Tensor:
@@ -264,11 +274,12 @@ def _sliding_window():
 def fuse_volume(model, # a UniFuse model (its device is used)
                 ref, # I_R: (D, H, W), (1, D, H, W) or (B, 1, D, H, W) in [0, 1]
                 deg, # I'_D on the same grid: (D, H, W), (C, D, H, W) or (B, C, D, H, W) in [0, 1]; C = 3 (RGB) for a colour model
-                window="auto", # "auto" (from memory), 0 or None (the whole volume), or a cubic window side in voxels
+                window="auto", # "auto" (`plan_windows`: the training crop, memory), 0 or None (the whole volume), or a cubic window side in voxels
                 overlap:float=0.25, # windows overlap by this fraction of their side
                 progress:bool=False, # a progress bar over the windows
-               ) -> dict: # fused (B, C, D, H, W), flow (B, 3, D, H, W), warped (B, C, D, H, W), probs (B, Ñ), window, windows
-    "Fuse a pair already on one grid: the whole volume, or overlapping windows blended with Gaussian weights."
+                align_first:bool=True, # windows only: align DEG over the whole volume first (`whole_volume_prior`)
+               ) -> dict: # fused (B, C, D, H, W), flow (B, 3, D, H, W), warped (B, C, D, H, W), probs (B, Ñ), window, windows, why, aligned_first
+    "Fuse a pair already on one grid: the whole volume, or (after a whole-volume alignment) overlapping windows blended with Gaussian weights."
     _check_window(window, overlap)
     ref, deg = _as5(ref, "ref"), _as5(deg, "deg")
     if ref.shape[1] != 1: raise ValueError(f"ref: expected one channel (grey), got shape {tuple(ref.shape)}")
@@ -278,12 +289,14 @@ def fuse_volume(model, # a UniFuse model (its device is used)
     dev = _model_device(model)
     ref, deg = ref.to(dev, torch.float32), deg.to(dev, torch.float32)
     shape = tuple(ref.shape[2:])
-    side = plan_windows(model, shape, dev, window)
+    side, why = plan_windows(model, shape, dev, window, why=True)
     if side is None:
         o = model(ref, deg)
         return dict(fused=o["fused"].float(), flow=o["flow"].float(), warped=o["warped"].float(),
-                    probs=o["probs"].float(), window=None, windows=1)
+                    probs=o["probs"].float(), window=None, windows=1, why=None, aligned_first=False)
     swi = _sliding_window()
+    pre = whole_volume_prior(model, ref, deg) if align_first else None       # φ_g: DEG(p + φ_g(p)) ≈ REF(p), roughly
+    deg_in = deg if pre is None else warp(deg, pre)
     roi = tuple(min(side, s) for s in shape)
     fused, flow, probs, n = [], [], [], 0
     for b in range(ref.shape[0]):                                           # one pair at a time: probs per pair
@@ -293,15 +306,32 @@ def fuse_volume(model, # a UniFuse model (its device is used)
             o = model(r, d)
             rec.append((o["probs"].float(), (r > 0.05).float().mean((1, 2, 3, 4)) + 1e-3))   # foreground share weighs p
             return {"fused": o["fused"].float(), "flow": o["flow"].float()}
-        out = swi(torch.cat([ref[b:b + 1], deg[b:b + 1]], 1), roi, 1, predictor, overlap=overlap, mode="gaussian",
+        out = swi(torch.cat([ref[b:b + 1], deg_in[b:b + 1]], 1), roi, 1, predictor, overlap=overlap, mode="gaussian",
                   sw_device=dev, device=dev, progress=progress)
         fused.append(out["fused"]); flow.append(out["flow"])
         p, wt = torch.cat([r[0] for r in rec]), torch.cat([r[1] for r in rec])  # (n, Ñ), (n,)
         probs.append((p * wt[:, None]).sum(0, keepdim=True) / wt.sum())
         n += len(rec)
+    probs = torch.cat(probs)
+    if why == "trained":                                                    # memory allows: the class over the whole scan
+        m = getattr(model, "multiple", 1)
+        probs = model.dapl(luma(pad_to_multiple(deg, m)[0]), pad_to_multiple(ref, m)[0], update=False)["probs"].float()
     flow = torch.cat(flow)
-    return dict(fused=torch.cat(fused), flow=flow, warped=warp(deg, flow), probs=torch.cat(probs),
-                window=side, windows=n // ref.shape[0])
+    if pre is not None: flow = compose(pre, flow)                           # W(W(DEG, φ_g), φ) = W(DEG, φ_g ∘ φ)
+    return dict(fused=torch.cat(fused), flow=flow, warped=warp(deg, flow), probs=probs,
+                window=side, windows=n // ref.shape[0], why=why, aligned_first=pre is not None)
+
+@torch.no_grad()
+def whole_volume_prior(model, # a UniFuse model: its token side Q and FA's search radius and cube
+                       ref:Tensor, # (B, 1, D, H, W) REF in [0, 1]
+                       deg:Tensor, # (B, C, D, H, W) DEG on the same grid (RGB: its luma is matched)
+                       rounds:int=4, # affine rounds of `mind_affine_prior` (FA uses 2 on training crops)
+                      ) -> Tensor: # φ_g (B, 3, D, H, W) in voxels, DEG(p + φ_g(p)) ≈ REF(p)
+    "FA's parameter-free MIND-affine prior over the whole volume, at full resolution: the frame the windows start from."
+    cfg, q = model.cfg, model.cfg.patch
+    (rp, size), (dp, _) = pad_to_multiple(ref.float(), q), pad_to_multiple(luma(deg.float()), q)
+    phi = mind_affine_prior(rp, dp, q, cfg.fa_radius, cfg.fa_prior_cube, rounds=rounds)   # (B, 3, D/q, H/q, W/q), 1/q voxels
+    return crop_to(resize_flow(phi, rp.shape[2:]), size)
 
 # %% ../nbs/80_fuse.ipynb #a6e1a4f0
 def degradation_report(probs, # (Ñ,) class probabilities over `unifuse.degrade.CLASSES`
@@ -501,8 +531,13 @@ def fuse_arrays(ref, # REF (I_R): (X, Y, Z) array as stored, e.g. `nibabel.load(
                         window=window, overlap=overlap, progress=progress)
     if o["note"]: notes.append(o["note"])
     if o["window"] is None: notes.append(f"fused the whole {'×'.join(map(str, size))} volume on {dev}")
-    else: notes.append(f"fused in {o['windows']} windows of {o['window']}³ voxels (overlap {overlap:g}, Gaussian blending) on {dev}: "
-                       f"the whole volume would need about {memory_estimate(model, size) / 2**30:.1f} GiB")
+    else:
+        why = {"trained": f"the model was trained on {training_crop(model)}³ crops",
+               "memory": f"the whole volume would need about {memory_estimate(model, size) / 2**30:.1f} GiB",
+               "asked": "as asked"}[o["why"]]
+        first = ", after aligning DEG to REF over the whole volume (MIND-affine prior)" if o["aligned_first"] else ""
+        notes.append(f"fused in {o['windows']} windows of {o['window']}³ voxels (overlap {overlap:g}, Gaussian blending){first} "
+                     f"on {dev}: {why}")
     fused, flow = o["fused"].cpu(), o["flow"].cpu()
     for k, t in (("fused", fused), ("flow", flow)):
         if not bool(torch.isfinite(t).all()):
@@ -808,7 +843,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-norm", default="auto", choices=NORMS, help="REF's intensities → [0, 1] (default auto: by modality and range)")
     p.add_argument("--deg-norm", default="auto", choices=NORMS, help="DEG's intensities → [0, 1] (default auto)")
     p.add_argument("--window", type=_window_arg, default="auto", metavar="N",
-                   help="fuse in overlapping windows of N³ voxels; 0: the whole volume; auto (default): windows only when memory is short")
+                   help="fuse in overlapping windows of N³ voxels (after a whole-volume alignment); 0: the whole volume in one pass; "
+                        "auto (default): windows of the model's training crop for volumes beyond 1.5× its side, or when memory is short")
     p.add_argument("--overlap", type=_overlap_arg, default=0.25, metavar="F",
                    help="overlap of the windows, a fraction in [0, 1) (default 0.25)")
     p.add_argument("--colour", "--color", nargs="?", const=PET_CMAP, default=None, metavar="CMAP",
