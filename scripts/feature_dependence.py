@@ -7,7 +7,7 @@ removed, as in `unifuse.metrics.feature_content`) of F̄'_D and of F̄_R when DE
 axes. F̄'_D | DEG is the issue's content; F̄'_D | REF shows a leak of the reference into the degraded stream;
 F̄_R | REF the reference stream's own content.
 
-    python scripts/feature_dependence.py init ship_run/checkpoint.pt
+    python scripts/feature_dependence.py init runs/x/checkpoint.pt
 """
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
